@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs every test: set-up, notebooks <-> package sync, notebook hygiene, all lessons (nbdev-test), pytest.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k tokenizer`).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+source .venv/bin/activate
+source scripts/mirror.sh
+use_mirror "$ROOT"
+# tests and lessons share one throw-away cache so they never touch ~/.cache/nanochat
+export NANOCHAT_BASE_DIR="${NANOCHAT_TEST_BASE_DIR:-$ROOT/.cache/test}"
+mkdir -p "$NANOCHAT_BASE_DIR"
+t0=$SECONDS
+step() { echo; echo "== $* ($((SECONDS - t0))s)"; }
+
+step "1/4 nbdev-export: the package must match the notebooks"
+snap=$(mktemp -d)
+cp -r nanochat "$snap/"
+nbdev-export
+if ! diff -r -x __pycache__ "$snap/nanochat" nanochat; then
+  echo "FAIL: nanochat/ differed from what the notebooks export (edited by hand or not re-exported)."
+  echo "      Edit the notebook, run nbdev-export, commit both."; exit 1
+fi
+rm -rf "$snap"
+
+step "2/4 nbdev-clean: notebooks must be clean"
+before=$(find nbs -name '*.ipynb' -exec md5sum {} + | sort)
+nbdev-clean
+after=$(find nbs -name '*.ipynb' -exec md5sum {} + | sort)
+if [ "$before" != "$after" ]; then
+  echo "FAIL: nbdev-clean changed notebooks (now cleaned in your tree; commit them):"
+  diff <(echo "$before") <(echo "$after") || true; exit 1
+fi
+
+step "3/4 nbdev-test: every lesson runs and its assertions hold (flags: ${NBDEV_TEST_FLAGS:-none})"
+nbdev-test --n_workers "${NBDEV_TEST_WORKERS:-2}" --timing ${NBDEV_TEST_FLAGS:+--flags "$NBDEV_TEST_FLAGS"}
+
+step "4/4 pytest"
+# pytest exits 5 when it collects no test: with `set -e` that fails the run, as it should.
+python -m pytest "$@"
+step "all tests passed"
