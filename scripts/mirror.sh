@@ -13,6 +13,8 @@ use_mirror() {
   trap 'kill $MIRROR_PID 2>/dev/null || true' EXIT
   export HF_ENDPOINT="http://127.0.0.1:$port"
   export NANOCHAT_EVAL_BUNDLE_URL="$HF_ENDPOINT/s3/karpathy-public/eval_bundle.zip"
+  # a mirror holds fewer pretraining shards than the real 1823; the last one present is the validation shard
+  export NANOCHAT_NUM_SHARDS="$(ls "$dir"/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_*.parquet 2>/dev/null | wc -l)"
   for _ in $(seq 50); do curl -sf -o /dev/null "$HF_ENDPOINT/" && break; sleep 0.1; done
   echo "[data] serving the offline mirror $dir at $HF_ENDPOINT"
 }

@@ -34,7 +34,7 @@ if [ "$before" != "$after" ]; then
 fi
 
 step "3/4 nbdev-test: every lesson runs and its assertions hold (flags: ${NBDEV_TEST_FLAGS:-none})"
-nbdev-test --n_workers "${NBDEV_TEST_WORKERS:-2}" --timing ${NBDEV_TEST_FLAGS:+--flags "$NBDEV_TEST_FLAGS"}
+nbdev-test --n-workers "${NBDEV_TEST_WORKERS:-2}" --timing ${NBDEV_TEST_FLAGS:+--flags "$NBDEV_TEST_FLAGS"}
 
 step "4/4 pytest"
 # pytest exits 5 when it collects no test: with `set -e` that fails the run, as it should.
