@@ -6,6 +6,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 source .venv/bin/activate
+# the browser test drives Debian's Chromium (headless, through Playwright); install it when missing
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Debian's chromium for the browser test"
+  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null 2>&1 \
+    || echo "[setup] could not install chromium: the browser test will be skipped"
+fi
 source scripts/mirror.sh
 use_mirror "$ROOT"
 # tests and lessons share one throw-away cache so they never touch ~/.cache/nanochat
