@@ -7,10 +7,11 @@ Docs: https://nanochat-course.github.io/nanochat/tok_eval.html.md"""
 # %% auto #0
 __all__ = ['EVAL_TEXTS', 'compression_table', 'format_table', 'main']
 
-# %% ../nbs/02b_tok_eval.ipynb #1bf3ae4d
+# %% ../nbs/02b_tok_eval.ipynb #c8d605e7
 from fastcore.script import call_parse
 from .tokenizer import Tokenizer, get_tokenizer
 from .dataset import list_shards, parquets_iter_batched
+from .report import get_report
 
 EVAL_TEXTS = {
     "news": "The city council voted on Tuesday to approve a new budget that raises spending on public transit by "
@@ -56,5 +57,8 @@ def main():
         try: texts[f"fw-{split}"] = "\n".join(next(parquets_iter_batched(split))[:50])
         except (FileNotFoundError, StopIteration) as e: print(f"note: no {split} shard downloaded, skipping it ({e})")
     rows = compression_table(tokenizers, texts)
-    print(format_table(rows, list(tokenizers)))
+    table = format_table(rows, list(tokenizers))
+    print(table)
+    get_report().log("Tokenizer evaluation", [f"Compression (bytes per token) by kind of text:\n\n```\n{table}\n```"],
+                     metrics={"rows": rows})
     return rows

@@ -7,13 +7,14 @@ Docs: https://nanochat-course.github.io/nanochat/tok_train.html.md"""
 # %% auto #0
 __all__ = ['main']
 
-# %% ../nbs/02a_tok_train.ipynb #3e1905a7
+# %% ../nbs/02a_tok_train.ipynb #c4fbb25a
 import time
 from tqdm import tqdm
 from fastcore.script import call_parse
 from .common import get_base_dir, print0
 from .tokenizer import Tokenizer
 from .dataset import iter_texts
+from .report import get_report
 
 @call_parse
 def main(
@@ -38,4 +39,7 @@ def main(
     assert tok.decode(tok.encode(sample)) == sample, "round-trip failed"
     print0(f"trained a {tok.get_vocab_size():,}-token tokenizer on {nchars:,} chars in {dt:.1f}s "
            f"({nchars / dt:,.0f} chars/s); saved to {out}")
+    stats = dict(max_chars=max_chars, doc_cap=doc_cap, vocab_size=tok.get_vocab_size(), train_chars=nchars,
+                 time_s=dt, chars_per_s=nchars / dt)
+    get_report().log("Tokenizer training", [stats], metrics=stats)
     return tok
