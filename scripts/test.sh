@@ -24,7 +24,8 @@ step "1/4 nbdev-export: the package must match the notebooks"
 snap=$(mktemp -d)
 cp -r nanochat "$snap/"
 nbdev-export
-if ! diff -r -x __pycache__ "$snap/nanochat" nanochat; then
+if ! diff -rq -x __pycache__ "$snap/nanochat" nanochat; then
+  diff -r -x __pycache__ -x _modidx.py "$snap/nanochat" nanochat | head -40 || true
   echo "FAIL: nanochat/ differed from what the notebooks export (edited by hand or not re-exported)."
   echo "      Edit the notebook, run nbdev-export, commit both."; exit 1
 fi
