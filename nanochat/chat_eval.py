@@ -18,6 +18,7 @@ from .common import get_base_dir, atomic_write_text, print0, autocast_ctx, compu
 from .checkpoint_manager import load_model, find_largest_model
 from .engine import Engine
 from .tasks import ARC, MMLU, GSM8K, HumanEval, SpellingBee
+from .report import get_report
 
 # %% ../nbs/13_chat_eval.ipynb #3c909212
 def letter_token_ids(tokenizer, letters) -> list[int]:
@@ -210,5 +211,7 @@ def main(kInd: str = "sft",           # which model: base, mid, sft or rl
         path = get_base_dir() / "chat_eval" / f"{kInd}_{tag}.json"
         atomic_write_text(path, json.dumps(out, indent=2))
         print0(f"wrote {path}")
+    get_report().log(f"Chat evaluation {kInd}", [out["settings"], out["results"], {"ChatCORE": out["chatcore"], "partial ChatCORE": out["partial_chatcore"]}],
+                     metrics=dict(out["results"], ChatCORE=out["chatcore"], time_s=out["seconds"]))
     compute_cleanup()
     return out

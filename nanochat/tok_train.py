@@ -7,7 +7,7 @@ Docs: https://nanochat-course.github.io/nanochat/tok_train.html.md"""
 # %% auto #0
 __all__ = ['main']
 
-# %% ../nbs/02a_tok_train.ipynb #c4fbb25a
+# %% ../nbs/02a_tok_train.ipynb #e0b1e8da
 import time
 from tqdm import tqdm
 from fastcore.script import call_parse
@@ -24,16 +24,17 @@ def main(
 ):
     "Train the BPE tokenizer on the pretraining shards and save it under $NANOCHAT_BASE_DIR/tokenizer."
     bar = tqdm(total=max_chars, unit="char", unit_scale=True, desc="reading text", mininterval=1, disable=None)
+    nchars = 0
     def texts():
+        nonlocal nchars
         for doc in iter_texts("train", max_chars=max_chars):
             doc = doc[:doc_cap]
-            bar.update(len(doc))
+            nchars += len(doc); bar.update(len(doc))
             yield doc
     t0 = time.time()
     tok = Tokenizer.train_from_iterator(texts(), vocab_size)
     dt = time.time() - t0
     bar.close()
-    nchars = bar.n
     out = tok.save(get_base_dir() / "tokenizer")
     sample = "Hello world! 1234 + 56 = 1290. <|bos|> is plain text here. 你好 🚀"
     assert tok.decode(tok.encode(sample)) == sample, "round-trip failed"

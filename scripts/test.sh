@@ -41,7 +41,8 @@ if [ "$before" != "$after" ]; then
 fi
 
 step "3/4 nbdev-test: every lesson runs and its assertions hold (flags: ${NBDEV_TEST_FLAGS:-none})"
-nbdev-test --n-workers "${NBDEV_TEST_WORKERS:-2}" --timing ${NBDEV_TEST_FLAGS:+--flags "$NBDEV_TEST_FLAGS"}
+# two notebooks at a time on two cores: one torch thread each, or they spend their time waiting on each other
+OMP_NUM_THREADS=1 nbdev-test --n-workers "${NBDEV_TEST_WORKERS:-2}" --timing ${NBDEV_TEST_FLAGS:+--flags "$NBDEV_TEST_FLAGS"}
 
 step "4/4 pytest"
 # pytest exits 5 when it collects no test: with `set -e` that fails the run, as it should.
