@@ -8,14 +8,14 @@ Docs: https://nanochat-course.github.io/nanochat/report.html.md"""
 __all__ = ['SECTION_ORDER', 'SUMMARY_METRICS', 'SUMMARY_STAGES', 'CODE_EXTS', 'GPU_HOURLY_USD', 'slugify', 'render_section',
            'code_stats', 'environment', 'estimate_cost', 'Report', 'DummyReport', 'get_report', 'main']
 
-# %% ../nbs/20_report.ipynb #5950a2b0
+# %% ../nbs/20_report.ipynb #517f245f
 import os, re, json, time, shutil, platform, subprocess, datetime
 from pathlib import Path
 import torch
 from fastcore.script import call_parse, CliError
 from .common import get_base_dir, atomic_path, atomic_write_text, get_dist_info
 
-# %% ../nbs/20_report.ipynb #f759f21f
+# %% ../nbs/20_report.ipynb #55463ac7
 SECTION_ORDER = ["header", "tokenizer-training", "tokenizer-evaluation", "base-model-training",
                  "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
                  "chat-rl", "chat-evaluation-rl"]
@@ -40,7 +40,7 @@ def render_section(title: str, data) -> str:
         lines.append("")
     return "\n".join(lines)
 
-# %% ../nbs/20_report.ipynb #a81d66b3
+# %% ../nbs/20_report.ipynb #a64b34ea
 def _git(*args) -> str:
     try: return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired): return ""
@@ -75,7 +75,7 @@ def environment() -> dict:
     env["gpu_count"], env["gpu_name"] = n, (torch.cuda.get_device_name(0) if n else "")
     return env
 
-# %% ../nbs/20_report.ipynb #05c01ed2
+# %% ../nbs/20_report.ipynb #fafe2bde
 GPU_HOURLY_USD = {"H100": 3.00, "H200": 3.50, "A100": 1.80, "L40S": 1.00, "A10": 0.75, "L4": 0.70}
 
 def estimate_cost(gpu_name: str, gpu_count: int, hours: float):
@@ -83,7 +83,7 @@ def estimate_cost(gpu_name: str, gpu_count: int, hours: float):
     price = next((p for k, p in GPU_HOURLY_USD.items() if k in (gpu_name or "")), None)
     return None if price is None or not gpu_count else price * gpu_count * hours
 
-# %% ../nbs/20_report.ipynb #e86dadfe
+# %% ../nbs/20_report.ipynb #33370981
 class Report:
     "The report folder: `log` writes one stage's section, `reset` starts a run, `generate` assembles report.md."
     def __init__(self, report_dir): self.dir = Path(report_dir)
@@ -188,7 +188,7 @@ def get_report():
     "The run's report on rank 0 (`$NANOCHAT_BASE_DIR/report`), a `DummyReport` elsewhere."
     return Report(get_base_dir() / "report") if get_dist_info()[1] == 0 else DummyReport()
 
-# %% ../nbs/20_report.ipynb #deb70e85
+# %% ../nbs/20_report.ipynb #e51a9316
 @call_parse
 def main(command:str, # `reset` (start a new run) or `generate` (write report.md)
         ):
