@@ -8,14 +8,14 @@ Docs: https://nanochat-course.github.io/nanochat/report.html.md"""
 __all__ = ['SECTION_ORDER', 'SUMMARY_METRICS', 'SUMMARY_STAGES', 'CODE_EXTS', 'GPU_HOURLY_USD', 'slugify', 'render_section',
            'code_stats', 'environment', 'estimate_cost', 'Report', 'DummyReport', 'get_report', 'main']
 
-# %% ../nbs/20_report.ipynb #517f245f
+# %% ../nbs/20_report.ipynb #4ed0d095
 import os, re, json, time, shutil, platform, subprocess, datetime
 from pathlib import Path
 import torch
 from fastcore.script import call_parse, CliError
 from .common import get_base_dir, atomic_path, atomic_write_text, get_dist_info
 
-# %% ../nbs/20_report.ipynb #55463ac7
+# %% ../nbs/20_report.ipynb #b47d100d
 SECTION_ORDER = ["header", "tokenizer-training", "tokenizer-evaluation", "base-model-training",
                  "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
                  "chat-rl", "chat-evaluation-rl"]
@@ -40,7 +40,7 @@ def render_section(title: str, data) -> str:
         lines.append("")
     return "\n".join(lines)
 
-# %% ../nbs/20_report.ipynb #a64b34ea
+# %% ../nbs/20_report.ipynb #2821a193
 def _git(*args) -> str:
     try: return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired): return ""
@@ -75,7 +75,7 @@ def environment() -> dict:
     env["gpu_count"], env["gpu_name"] = n, (torch.cuda.get_device_name(0) if n else "")
     return env
 
-# %% ../nbs/20_report.ipynb #fafe2bde
+# %% ../nbs/20_report.ipynb #4cb6072a
 GPU_HOURLY_USD = {"H100": 3.00, "H200": 3.50, "A100": 1.80, "L40S": 1.00, "A10": 0.75, "L4": 0.70}
 
 def estimate_cost(gpu_name: str, gpu_count: int, hours: float):
@@ -83,7 +83,7 @@ def estimate_cost(gpu_name: str, gpu_count: int, hours: float):
     price = next((p for k, p in GPU_HOURLY_USD.items() if k in (gpu_name or "")), None)
     return None if price is None or not gpu_count else price * gpu_count * hours
 
-# %% ../nbs/20_report.ipynb #33370981
+# %% ../nbs/20_report.ipynb #96118af2
 class Report:
     "The report folder: `log` writes one stage's section, `reset` starts a run, `generate` assembles report.md."
     def __init__(self, report_dir): self.dir = Path(report_dir)
@@ -125,15 +125,16 @@ class Report:
         import matplotlib.pyplot as plt
         out = []
         curves = {s: m["history"] for s in SECTION_ORDER if (m := self.metrics(s)).get("history")}
-        if curves:
-            fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=80)
-            for s, h in curves.items():
-                if h.get("loss"): axes[0].plot(h["step"], h["loss"], label=s)
-                if h.get("val_bpb"): axes[1].plot(h["val_step"], h["val_bpb"], "o-", label=s)
-            axes[0].set(title="training loss", xlabel="step"); axes[1].set(title="validation bits per byte", xlabel="step")
-            for ax in axes: ax.legend(fontsize=7); ax.grid(alpha=0.3)
+        panels = [(k, x, t) for k, x, t in [("loss", "step", "training loss"), ("val_bpb", "val_step", "validation bits per byte"),
+                                             ("reward", "step", "RL mean reward")] if any(h.get(k) for h in curves.values())]
+        if panels:
+            fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), dpi=80, squeeze=False)
+            for ax, (key, xkey, title) in zip(axes[0], panels):
+                for s, h in curves.items():
+                    if h.get(key): ax.plot(h[xkey], h[key], "o-" if key == "val_bpb" else "-", label=s)
+                ax.set(title=title, xlabel="step"); ax.legend(fontsize=7); ax.grid(alpha=0.3)
             fig.tight_layout(); out.append(("Training curves", self._save(fig, "curves.png")))
-        stages = {c: self.metrics(s) for c, s in SUMMARY_STAGES.items() if c != "BASE"}
+        stages = {c: m for c, s in SUMMARY_STAGES.items() if c != "BASE" and (m := self.metrics(s))}
         tasks = [t for t in SUMMARY_METRICS[1:-1] if any(t in m for m in stages.values())]
         if tasks:
             fig, ax = plt.subplots(figsize=(8, 3.5), dpi=80)
@@ -188,7 +189,7 @@ def get_report():
     "The run's report on rank 0 (`$NANOCHAT_BASE_DIR/report`), a `DummyReport` elsewhere."
     return Report(get_base_dir() / "report") if get_dist_info()[1] == 0 else DummyReport()
 
-# %% ../nbs/20_report.ipynb #e51a9316
+# %% ../nbs/20_report.ipynb #040896e6
 @call_parse
 def main(command:str, # `reset` (start a new run) or `generate` (write report.md)
         ):

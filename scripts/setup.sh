@@ -36,12 +36,16 @@ fi
 # the Rust BPE trainer (builds offline from Debian's crate sources when crates.io is unreachable)
 bash rustbpe/install.sh
 
-# keep notebooks clean at commit time (nbdev's git hooks); harmless outside a git checkout
+# keep notebooks clean at commit time: a git pre-commit hook that cleans the staged notebooks and re-exports the package
 if [ -d .git ] && [ ! -f .git/hooks/pre-commit ]; then
+  mkdir -p .git/hooks
   cat > .git/hooks/pre-commit <<'HOOK'
 #!/usr/bin/env bash
-# installed by scripts/setup.sh: strip notebook metadata/outputs noise and keep nanochat/ in sync with nbs/
-. .venv/bin/activate && nbdev-clean && nbdev-export && git add -u nbs nanochat
+# installed by scripts/setup.sh: nbdev-clean the staged notebooks and keep nanochat/ exported from nbs/
+set -e
+. .venv/bin/activate
+for nb in $(git diff --cached --name-only --diff-filter=AM -- 'nbs/*.ipynb'); do nbdev-clean --fname "$nb"; git add "$nb"; done
+nbdev-export && git add nanochat
 HOOK
   chmod +x .git/hooks/pre-commit
 fi

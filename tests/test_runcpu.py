@@ -1,0 +1,48 @@
+"The README's main command in its reduced mode (QUICK=1, RL on): every stage runs on the mirror and the report card has its summary."
+import os, re, subprocess, socket, sys, threading, functools
+from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = ROOT.parent / "shared" / "hf-mirror"
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    "HF_ENDPOINT from the environment, else the offline mirror served on loopback."
+    if os.environ.get("HF_ENDPOINT"): yield os.environ["HF_ENDPOINT"]; return
+    if not MIRROR.exists(): pytest.skip(f"no HF_ENDPOINT and no mirror at {MIRROR}")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(MIRROR))
+    handler.log_message = lambda *a: None
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_runcpu_quick_end_to_end(endpoint, tmp_path):
+    env = dict(os.environ, QUICK="1", WITH_RL="1", HF_ENDPOINT=endpoint, NANOCHAT_BASE_DIR=str(tmp_path / "base"),
+               NANOCHAT_EVAL_BUNDLE_URL=f"{endpoint}/s3/karpathy-public/eval_bundle.zip", OMP_NUM_THREADS="2")
+    if not os.environ.get("HF_ENDPOINT"): env["NANOCHAT_NUM_SHARDS"] = "4"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "runcpu.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    report = (tmp_path / "base" / "report" / "report.md").read_text()
+    summary = report[report.index("## Summary"):]
+    for metric in ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]:
+        row = re.search(rf"^\| {re.escape(metric)} \|(.*)\|$", summary, re.M)
+        assert row, f"summary table has no {metric} row"
+        cells = [c.strip() for c in row.group(1).split("|")]
+        assert len(cells) == 4, row.group(0)
+    core = re.search(r"^\| CORE \| (\S+) \|", summary, re.M).group(1)
+    assert core != "-", "the base model's CORE is missing"
+    for metric in ["ARC-Easy", "MMLU", "ChatCORE"]:  # measured for MID and SFT in the quick run
+        mid, sft = [c.strip() for c in re.search(rf"^\| {metric} \|(.*)\|$", summary, re.M).group(1).split("|")][1:3]
+        assert mid != "-" and sft != "-", (metric, mid, sft)
+    gsm_rl = [c.strip() for c in re.search(r"^\| GSM8K \|(.*)\|$", summary, re.M).group(1).split("|")][3]
+    assert gsm_rl != "-", "the RL stage's GSM8K is missing"
+    for section in ["## Tokenizer training", "## Base model training", "## Base model evaluation", "## Midtraining",
+                    "## Chat sft", "## Chat rl", "## Chat evaluation sft"]:
+        assert section.lower() in report.lower(), section
+    assert (tmp_path / "base" / "report" / "curves.png").stat().st_size > 1000
+    assert "python -m nanochat.chat_cli -i sft" in r.stdout  # it ends by saying how to talk to the model
