@@ -75,9 +75,11 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-DEPTH=20                # the one dial
-NUM_SHARDS=240          # train shards to download (derived above)
-MAX_DEVICE_BATCH=32     # rows per GPU that fit in 80 GB at depth 20 with 2048-token rows
+# (scripts/run1000.sh runs this same script with the four settings below changed)
+DEPTH="${DEPTH:-20}"                      # the one dial
+NUM_SHARDS="${NUM_SHARDS:-240}"           # train shards to download (derived above)
+MAX_DEVICE_BATCH="${MAX_DEVICE_BATCH:-32}"  # rows per GPU that fit in 80 GB at depth 20 with 2048-token rows
+SAVE_EVERY="${SAVE_EVERY:-2000}"          # pretraining checkpoint cadence in steps (~20 min at depth 20)
 MFU=0.4                 # assumed for the time estimate only
 NNODES="${NNODES:-1}"; NODE_RANK="${NODE_RANK:-0}"; NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 MASTER_ADDR="${MASTER_ADDR:-}"; MASTER_PORT="${MASTER_PORT:-29500}"; RUN_ID="${RUN_ID:-nanochat-d$DEPTH}"
@@ -150,7 +152,7 @@ if [ "$NODE_RANK" -eq 0 ]; then
   python -m nanochat.report reset
 
   # --- data and tokenizer (lessons 01, 02a, 02b). The tokenizer trains on the first 2B characters = 8 shards, so
-  #     fetch those first; the other 232 (~23 GB) download in the background while the tokenizer trains.
+  #     fetch those first; the rest (~100 MB each) download in the background while the tokenizer trains.
   stage "data and tokenizer"
   python -m nanochat.dataset -n 8
   python -m nanochat.dataset -n "$NUM_SHARDS" &
@@ -166,11 +168,11 @@ if [ "$NODE_RANK" -eq 0 ]; then
   wait "$DATASET_PID"
 fi
 
-# --- pretraining (lesson 08): ~3.4 h. A checkpoint every 2000 steps (~20 min), the last two kept: if the run dies,
+# --- pretraining (lesson 08): ~3.4 h at depth 20. A checkpoint every SAVE_EVERY steps, the last two kept: if the run dies,
 #     rerun just this line with --resume added (same flags, same number of GPUs) and it continues exactly.
 stage "pretraining: depth $DEPTH"
 launch -m nanochat.base_train -- --depth="$DEPTH" --device-batch-size="$DEVICE_BATCH_SIZE" \
-  --save-every=2000 --keep-checkpoints=2 --run="$WANDB_RUN"
+  --save-every="$SAVE_EVERY" --keep-checkpoints=2 --run="$WANDB_RUN"
 # bits per byte on train and val, samples, and CORE on all of the bundle's tasks (lesson 09a)
 stage "base model evaluation"
 launch -m nanochat.base_eval -- --kind=base

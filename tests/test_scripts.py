@@ -9,8 +9,18 @@ import pytest
 from fastcore.script import anno_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = [ROOT / "scripts" / "speedrun.sh", ROOT / "scripts" / "run1000.sh"]
+SPEEDRUN, RUN1000 = ROOT / "scripts" / "speedrun.sh", ROOT / "scripts" / "run1000.sh"
+RECIPES = [SPEEDRUN, RUN1000]
 ids = [p.name for p in RECIPES]
+
+
+def settings(script: Path) -> dict:
+    "The recipe's DEPTH/NUM_SHARDS/MAX_DEVICE_BATCH/MFU: speedrun.sh's defaults, or what run1000.sh passes to it."
+    text, body = script.read_text(), SPEEDRUN.read_text()
+    out = {k: m.group(1) for k in ("DEPTH", "NUM_SHARDS", "MAX_DEVICE_BATCH", "MFU")
+           if (m := re.search(rf'^{k}=(?:"\$\{{{k}:-)?([\d.]+)', body, re.M))}
+    if script != SPEEDRUN: out.update(re.findall(r"\b(DEPTH|NUM_SHARDS|MAX_DEVICE_BATCH)=(\d+)", code_lines(text)[-1]))
+    return out
 
 
 def code_lines(text: str):
@@ -44,7 +54,13 @@ def test_bash_syntax(script):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("script", RECIPES, ids=ids)
+def test_run1000_is_speedrun_at_depth_32():
+    last = code_lines(RUN1000.read_text())[-1]
+    assert "exec bash" in last and "speedrun.sh" in last, last
+    assert settings(RUN1000)["DEPTH"] == "32" and settings(SPEEDRUN)["DEPTH"] == "20"
+
+
+@pytest.mark.parametrize("script", [SPEEDRUN], ids=["speedrun.sh"])
 def test_entry_points_and_flags_exist(script):
     text = script.read_text()
     calls = nanochat_calls(text)
@@ -77,7 +93,7 @@ def launcher_args(script: Path, env: str) -> list:
     return r.stdout.splitlines()
 
 
-@pytest.mark.parametrize("script", RECIPES, ids=ids)
+@pytest.mark.parametrize("script", [SPEEDRUN], ids=["speedrun.sh"])
 def test_torchrun_launcher(script):
     from torch.distributed.run import get_args_parser
     one = get_args_parser().parse_args(launcher_args(script, "NNODES=1 NPROC_PER_NODE=8"))
@@ -94,8 +110,8 @@ def test_torchrun_launcher(script):
 def test_header_numbers_are_the_plans(script):
     "Every line the plan prints for the script's defaults is quoted in its header, so the comments can't go stale."
     text = script.read_text()
-    plan = re.search(r"<<'PLAN'\n(.*?)\nPLAN\n", text, re.S).group(1)
-    var = lambda k: re.search(rf"^{k}=([\d.]+)", text, re.M).group(1)
+    plan = re.search(r"<<'PLAN'\n(.*?)\nPLAN\n", SPEEDRUN.read_text(), re.S).group(1)
+    var = settings(script).__getitem__
     gpus, rows = 8, 256 // 8  # one node of 8 GPUs; 524,288 tokens = 256 rows of 2048
     dbs = min(rows, int(var("MAX_DEVICE_BATCH")))
     r = subprocess.run([sys.executable, "-", var("DEPTH"), var("NUM_SHARDS"), str(dbs), str(gpus), var("MFU")],
