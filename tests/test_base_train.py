@@ -13,24 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRROR = Path(__file__).resolve().parents[2] / "shared" / "hf-mirror"
 TINY = ["--depth=2", "--max-seq-len=64", "--device-batch-size=2", "--device-type=cpu", "--sample-every=-1", "--eval-tokens=512"]
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args): pass
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    if os.environ.get("HF_ENDPOINT"):
-        yield os.environ["HF_ENDPOINT"]
-        return
-    if not MIRROR.is_dir(): pytest.skip(f"no HF_ENDPOINT and no offline mirror at {MIRROR}")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(MIRROR)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+# `endpoint` (HF_ENDPOINT or the loopback mirror) comes from conftest.py
 
 
 @pytest.fixture(scope="module")

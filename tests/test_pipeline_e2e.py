@@ -11,23 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRROR = Path(__file__).resolve().parents[2] / "shared" / "hf-mirror"
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args): pass
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    if os.environ.get("HF_ENDPOINT"):
-        yield os.environ["HF_ENDPOINT"]
-        return
-    if not MIRROR.is_dir(): pytest.skip(f"no HF_ENDPOINT and no offline mirror at {MIRROR}")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(MIRROR)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+# `endpoint` (HF_ENDPOINT or the loopback mirror) comes from conftest.py
 
 
 # (module, flags, what its log must say about where it loaded from, the files it must leave behind)

@@ -1,24 +1,9 @@
 "The README's main command in its reduced mode (QUICK=1, RL on): every stage runs on the mirror and the report card has its summary."
-import os, re, subprocess, socket, sys, threading, functools
-from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
+import os, re, subprocess
 from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRROR = ROOT.parent / "shared" / "hf-mirror"
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    "HF_ENDPOINT from the environment, else the offline mirror served on loopback."
-    if os.environ.get("HF_ENDPOINT"): yield os.environ["HF_ENDPOINT"]; return
-    if not MIRROR.exists(): pytest.skip(f"no HF_ENDPOINT and no mirror at {MIRROR}")
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(MIRROR))
-    handler.log_message = lambda *a: None
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
 
 
 def test_runcpu_quick_end_to_end(endpoint, tmp_path):
