@@ -138,6 +138,7 @@ def _bpb_worker(rank, store, out):
         model, (x, y), tb = _bpb_setup()
         mine = slice(0, 1) if rank == 0 else slice(1, 3)  # unequal shares: an average of per-rank ratios would be wrong
         torch.save(evaluate_bpb(model, iter([(x[mine], y[mine])]), 1, tb), f"{out}{rank}")
+        dist.barrier()  # don't tear gloo down while the peer still talks to it
     finally:
         dist.destroy_process_group()
 

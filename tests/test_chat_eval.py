@@ -229,7 +229,9 @@ def _scores(tok):
 def _worker(rank, store, out):
     torch.set_num_threads(1)  # two processes on a small machine
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try: torch.save(_scores(byte_tokenizer()), f"{out}{rank}")
+    try:
+        torch.save(_scores(byte_tokenizer()), f"{out}{rank}")
+        dist.barrier()  # don't tear gloo down while the peer still talks to it
     finally: dist.destroy_process_group()
 
 

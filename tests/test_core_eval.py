@@ -218,6 +218,7 @@ def _rank_worker(rank, work: str):
                for data, meta in TASKS}
         out["core"] = evaluate_core(rigged, tok, "cpu", verbose=False)
         (work / f"rank{rank}.json").write_text(json.dumps(out))
+        dist.barrier()  # tearing gloo down while the peer still talks to it can abort the process
     finally:
         dist.destroy_process_group()
 

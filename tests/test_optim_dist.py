@@ -80,6 +80,7 @@ def worker(rank, out_dir):
             edge=edge, edge_muon_state=[i for i, p in enumerate(muon_ps) if p in edge_muon.state],
             edge_adam_state=[tuple(edge_adam.state[p]["exp_avg"].shape) for p in adam_ps],
         ), f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # don't tear gloo down while the peer still talks to it
     finally:
         dist.destroy_process_group()
 
