@@ -287,13 +287,16 @@ def spelling_bee_answer(word: str, letter: str) -> list:
             {"type": "python_output", "text": str(n)},
             {"type": "text", "text": f"Both agree: {letter} appears {times} in {word}.\n\n#### {n}"}]
 
-class SpellingBee(Task):
-    "Generated 'How many r are in strawberry?' questions: spell, count, check with the calculator, answer '#### n'."
+class _WordTask(Task):
+    "`size` generated examples over the split's words (train and test share no word)."
     eval_type = "generative"
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **kwargs):
         super().__init__(**kwargs)
         self.size, self.split, self.seed, self.words = size, split, seed, words_for(split)
     def num_examples(self): return self.size
+
+class SpellingBee(_WordTask):
+    "Generated 'How many r are in strawberry?' questions: spell, count, check with the calculator, answer '#### n'."
     def get_example(self, i):
         rng = random.Random(f"spelling-bee-{self.split}-{self.seed}-{i}")  # str seeds are stable across processes
         word = rng.choice(self.words)
@@ -308,13 +311,8 @@ class SpellingBee(Task):
 _SPELL_QUESTIONS = ["Spell the word: {w}", "How do you spell {w}?", "Spell {w} letter by letter.", "spell {w}",
                     "Can you spell out '{w}' for me?"]
 
-class SimpleSpelling(Task):
+class SimpleSpelling(_WordTask):
     "Generated 'Spell the word: apple' -> 'a-p-p-l-e' drills."
-    eval_type = "generative"
-    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **kwargs):
-        super().__init__(**kwargs)
-        self.size, self.split, self.seed, self.words = size, split, seed, words_for(split)
-    def num_examples(self): return self.size
     def get_example(self, i):
         rng = random.Random(f"simple-spelling-{self.split}-{self.seed}-{i}")
         word = rng.choice(self.words)
