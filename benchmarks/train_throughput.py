@@ -17,7 +17,8 @@ import torch
 from nanochat.common import autocast_ctx, get_peak_flops
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import setup_optimizers
-from nanochat.base_train import lr_multiplier, muon_momentum, _clip_grads
+from nanochat.base_train import lr_multiplier, muon_momentum
+from nanochat.train_loop import clip_grads
 
 VOCAB = 65536
 
@@ -43,7 +44,7 @@ class Trainer:
         sync(self.device); t0 = time.perf_counter()
         with autocast_ctx(self.device.type): loss = self.step_model(self.x, self.y)
         loss.backward()
-        _clip_grads(self.model, 1.0, 1)
+        clip_grads(self.model, 1.0, 1)
         for opt in self.optimizers:
             for group in opt.param_groups: group["lr"] = group["initial_lr"] * lr_multiplier(self.n, 1000)
         for group in self.optimizers[1].param_groups: group["momentum"] = muon_momentum(self.n)

@@ -10,14 +10,13 @@ __all__ = ['SAMPLE_PROMPTS', 'bpb_by_split', 'sample_completions', 'format_core_
 # %% ../nbs/09a_base_eval.ipynb #e76d7d39
 import csv, time
 import torch
-from fastcore.script import call_parse, CliError
-from .common import compute_init, compute_cleanup, get_base_dir, print0, autocast_ctx, atomic_path
+from fastcore.script import CliError
+from .common import get_report, compute_init, compute_cleanup, get_base_dir, print0, autocast_ctx, atomic_path, call_parse
 from .checkpoint_manager import load_model, find_largest_model
 from .dataloader import tokenizing_distributed_data_loader
 from .loss_eval import evaluate_bpb
 from .core_eval import evaluate_core, get_eval_bundle
 from .dataset import DownloadError
-from .report import get_report
 
 # %% ../nbs/09a_base_eval.ipynb #1c1d5267
 def bpb_by_split(model, tokenizer, device, eval_tokens: int, device_batch_size: int, splits=("train", "val")) -> dict:
@@ -67,14 +66,14 @@ def write_core_csv(path, core: dict, model_tag: str, step: int):
 # %% ../nbs/09a_base_eval.ipynb #534b1879
 _EVALS = ("bpb", "sample", "core")
 
-@call_parse
-def main(kInd: str = "base",             # checkpoint source to evaluate: base, mid, sft or rl
-         model_taG: str = None,          # model tag such as d20 (default: the largest under that source)
-         Step: int = None,               # checkpoint step (default: the last complete one)
-         max_per_task: int = -1,         # CORE examples per task (-1: all; a few hundred give a quick, noisier estimate)
-         device_type: str = "",          # cuda, mps or cpu (empty: autodetect)
-         eval_tokens: int = 10485760,    # tokens per split for bits per byte, over all ranks
-         device_batch_size: int = 32,    # rows per forward pass for bits per byte (lower it if memory runs out)
+@call_parse(short=dict(source="i", model_tag="g", step="s", device_batch_size="b"))
+def main(source: str = "base",            # checkpoint source to evaluate: base, mid, sft or rl
+         model_tag: str | None = None,    # model tag such as d20 (default: the largest under that source)
+         step: int | None = None,         # checkpoint step (default: the last complete one)
+         max_per_task: int = -1,          # CORE examples per task (-1: all; a few hundred give a quick, noisier estimate)
+         device_type: str = "",           # cuda, mps or cpu (empty: autodetect)
+         eval_tokens: int = 10485760,     # tokens per split for bits per byte, over all ranks
+         device_batch_size: int = 32,     # rows per forward pass for bits per byte (lower it if memory runs out)
          evals: str = "bpb,sample,core"): # which evaluations to run, comma-separated
     "Evaluate a base model: bits per byte on train and val, greedy samples, and CORE (csv in $NANOCHAT_BASE_DIR/base_eval)."
     wanted = [e.strip() for e in evals.split(",") if e.strip()]
@@ -87,12 +86,12 @@ def main(kInd: str = "base",             # checkpoint source to evaluate: base, 
         except (DownloadError, ValueError) as e: raise CliError(f"could not get the CORE eval bundle: {e}") from None
     is_ddp, rank, _, world_size, device = compute_init(device_type)
     try:
-        tag = model_taG or find_largest_model(kInd)
-        model, tokenizer, meta = load_model(kInd, device, phase="eval", model_tag=tag, step=Step)
-    except (FileNotFoundError, ValueError, RuntimeError) as e: raise CliError(f"could not load the {kInd!r} model: {e}") from None
+        tag = model_tag or find_largest_model(source)
+        model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=tag, step=step)
+    except (FileNotFoundError, ValueError, RuntimeError) as e: raise CliError(f"could not load the {source!r} model: {e}") from None
     t0 = time.time()
-    print0(f"evaluating {kInd}/{tag} step {meta['step']} ({model.num_params():,} params) on {world_size} x {device}")
-    out = dict(source=kInd, model_tag=tag, step=meta["step"], world_size=world_size)
+    print0(f"evaluating {source}/{tag} step {meta['step']} ({model.num_params():,} params) on {world_size} x {device}")
+    out = dict(source=source, model_tag=tag, step=meta["step"], world_size=world_size)
 
     if "bpb" in wanted:
         try: bpb = bpb_by_split(model, tokenizer, device, eval_tokens, device_batch_size)

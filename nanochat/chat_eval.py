@@ -13,12 +13,11 @@ import json, time, random
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from fastcore.script import call_parse, CliError
-from .common import get_base_dir, atomic_write_text, print0, autocast_ctx, compute_init, compute_cleanup
+from fastcore.script import CliError
+from .common import get_report, get_base_dir, atomic_write_text, print0, autocast_ctx, compute_init, compute_cleanup, call_parse
 from .checkpoint_manager import load_model, find_largest_model
 from .engine import Engine
 from .tasks import ARC, MMLU, GSM8K, HumanEval, SpellingBee
-from .report import get_report
 
 # %% ../nbs/13_chat_eval.ipynb #3c909212
 def letter_token_ids(tokenizer, letters) -> list[int]:
@@ -161,57 +160,58 @@ def _parse_tasks(spec: str) -> list[str]:
         raise CliError(f"unknown task(s) {bad}: -a takes names from {list(TASKS)}, separated by '|' (e.g. \"ARC-Easy|GSM8K\")")
     return list(dict.fromkeys(names))  # each task once, in the order given
 
-@call_parse
-def main(kInd: str = "sft",           # which model: base, mid, sft or rl
-         tAsk_name: str = "",         # tasks to run, '|'-separated, e.g. "ARC-Easy|GSM8K" (empty: all six)
-         model_taG: str = None,       # model tag such as d20 (default: the largest under that source)
-         Step: int = None,            # checkpoint step (default: the last one)
-         Temperature: float = 0.0,    # sampling temperature for generative tasks; 0 = greedy
-         top_K: int = 50,             # sample only from the k most likely tokens; 0 = no limit
-         Num_samples: int = 1,        # samples per generative problem: the k of pass@k
-         Max_new_tokens: int = 512,   # longest generated answer, in tokens
-         Batch_size: int = 8,         # prompts per forward pass for categorical tasks
-         maX_problems: int = None,    # grade at most this many problems per task (a fixed random sample)
-         device_type: str = "",       # cuda, mps or cpu (empty: autodetect)
-         quiet: bool = False):        # no progress bars (rank 0 shows them otherwise)
+@call_parse(short=dict(source="i", task_name="a", model_tag="g", step="s", temperature="t", top_k="k", num_samples="n",
+                       max_new_tokens="m", device_batch_size="b", max_problems="x"))
+def main(source: str = "sft",              # which model: base, mid, sft or rl
+         task_name: str = "",              # tasks to run, '|'-separated, e.g. "ARC-Easy|GSM8K" (empty: all six)
+         model_tag: str | None = None,     # model tag such as d20 (default: the largest under that source)
+         step: int | None = None,          # checkpoint step (default: the last one)
+         temperature: float = 0.0,         # sampling temperature for generative tasks; 0 = greedy
+         top_k: int = 50,                  # sample only from the k most likely tokens; 0 = no limit
+         num_samples: int = 1,             # samples per generative problem: the k of pass@k
+         max_new_tokens: int = 512,        # longest generated answer, in tokens
+         device_batch_size: int = 8,       # prompts per forward pass for categorical tasks
+         max_problems: int | None = None,  # grade at most this many problems per task (a fixed random sample)
+         device_type: str = "",            # cuda, mps or cpu (empty: autodetect)
+         quiet: bool = False):             # no progress bars (rank 0 shows them otherwise)
     "Evaluate a chat model on ARC, MMLU, GSM8K, HumanEval and SpellingBee; print the accuracies and ChatCORE."
-    names = _parse_tasks(tAsk_name)
-    if Temperature < 0: raise CliError(f"--temperature must be >= 0 (0 = greedy), got {Temperature}")
-    if top_K < 0: raise CliError(f"--top-k must be >= 0 (0 = no limit), got {top_K}")
-    for flag, v in (("--num-samples", Num_samples), ("--max-new-tokens", Max_new_tokens), ("--batch-size", Batch_size)):
+    names = _parse_tasks(task_name)
+    if temperature < 0: raise CliError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0: raise CliError(f"--top-k must be >= 0 (0 = no limit), got {top_k}")
+    for flag, v in (("--num-samples", num_samples), ("--max-new-tokens", max_new_tokens), ("--device-batch-size", device_batch_size)):
         if v < 1: raise CliError(f"{flag} must be >= 1, got {v}")
-    if maX_problems is not None and maX_problems < 1: raise CliError(f"--max-problems must be >= 1, got {maX_problems}")
+    if max_problems is not None and max_problems < 1: raise CliError(f"--max-problems must be >= 1, got {max_problems}")
     is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
     try:
-        tag = model_taG or find_largest_model(kInd)
-        model, tokenizer, meta = load_model(kInd, device, phase="eval", model_tag=tag, step=Step)
-    except (FileNotFoundError, ValueError, RuntimeError) as e: raise CliError(f"could not load the {kInd!r} model: {e}")
+        tag = model_tag or find_largest_model(source)
+        model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=tag, step=step)
+    except (FileNotFoundError, ValueError, RuntimeError) as e: raise CliError(f"could not load the {source!r} model: {e}") from None
     engine = Engine(model, tokenizer)
-    print0(f"chat eval of {kInd}/{tag} step {meta['step']} on {world_size} x {device.type}: accuracy of the multiple-choice "
-           f"tasks, pass@{Num_samples} of the generative ones")
-    if Num_samples > 1 and Temperature == 0:
-        print0(f"note: with temperature 0 all {Num_samples} samples are identical, so pass@{Num_samples} = pass@1; use -t > 0")
+    print0(f"chat eval of {source}/{tag} step {meta['step']} on {world_size} x {device.type}: accuracy of the multiple-choice "
+           f"tasks, pass@{num_samples} of the generative ones")
+    if num_samples > 1 and temperature == 0:
+        print0(f"note: with temperature 0 all {num_samples} samples are identical, so pass@{num_samples} = pass@1; use -t > 0")
     results, t_start = {}, time.time()
     for name in names:
         t0 = time.time()
-        results[name] = run_chat_eval(name, model, tokenizer, engine, Batch_size, Num_samples, Max_new_tokens, Temperature,
-                                      top_K, maX_problems, verbose=not quiet)
+        results[name] = run_chat_eval(name, model, tokenizer, engine, device_batch_size, num_samples, max_new_tokens,
+                                      temperature, top_k, max_problems, verbose=not quiet)
         print0(f"{name:<14} {results[name]:.4f} | centered {centered(name, results[name]):+.4f} | {time.time() - t0:.1f}s")
     score, complete = chatcore(results), set(results) == set(TASKS)
     if complete: print0(f"ChatCORE: {score:.4f}")
     else: print0(f"ChatCORE: not defined ({len(results)} of {len(TASKS)} tasks ran); mean centered accuracy of these: "
                  f"{score:.4f} (partial, not comparable)")
-    out = dict(source=kInd, model_tag=tag, step=meta["step"], results=results,
+    out = dict(source=source, model_tag=tag, step=meta["step"], results=results,
                centered={t: centered(t, a) for t, a in results.items()}, chatcore=score if complete else None,
                partial_chatcore=None if complete else score,
-               settings=dict(temperature=Temperature, top_k=top_K, num_samples=Num_samples, max_new_tokens=Max_new_tokens,
-                             batch_size=Batch_size, max_problems=maX_problems, world_size=world_size),
+               settings=dict(temperature=temperature, top_k=top_k, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                             device_batch_size=device_batch_size, max_problems=max_problems, world_size=world_size),
                seconds=round(time.time() - t_start, 1))
     if rank == 0:
-        path = get_base_dir() / "chat_eval" / f"{kInd}_{tag}.json"
+        path = get_base_dir() / "chat_eval" / f"{source}_{tag}.json"
         atomic_write_text(path, json.dumps(out, indent=2))
         print0(f"wrote {path}")
-    get_report().log(f"Chat evaluation {kInd}", [out["settings"], out["results"], {"ChatCORE": out["chatcore"], "partial ChatCORE": out["partial_chatcore"]}],
+    get_report().log(f"Chat evaluation {source}", [out["settings"], out["results"], {"ChatCORE": out["chatcore"], "partial ChatCORE": out["partial_chatcore"]}],
                      metrics=dict(out["results"], ChatCORE=out["chatcore"], time_s=out["seconds"]))
     compute_cleanup()
     return out

@@ -24,11 +24,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
-from fastcore.script import call_parse, CliError
-from .common import compute_init
-from .engine import Engine
+from fastcore.script import CliError
+from .common import compute_init, call_parse
+from .engine import Engine, Reply
 from .checkpoint_manager import load_model, find_largest_model
-from .chat_cli import Reply
 
 # %% ../nbs/18_chat_web.ipynb #65c689bb
 MAX_MESSAGES = 500          # turns in one conversation
@@ -409,21 +408,21 @@ def create_app(engines: list[Engine], model_name: str = "nanochat", max_queue: i
     return app
 
 # %% ../nbs/18_chat_web.ipynb #51e1d446
-@call_parse
-def main(num_gpus: int = 1,         # model replicas, one per GPU (CPU and MPS: always 1)
-         port: int = 8000,          # port to listen on
-         host: str = "127.0.0.1",   # address to listen on (0.0.0.0: every interface)
-         kInd: str = "sft",         # which model: base, mid, sft or rl
-         model_taG: str = None,     # model tag such as d20 (default: the largest under that source)
-         Step: int = None,          # checkpoint step (default: the last one)
-         device_type: str = "",     # cuda, mps or cpu (empty: autodetect)
-         max_queue: int = 100,      # requests that may wait for a free worker; more get 503
-         max_tokens: int = 512):    # default max_tokens for requests that don't say
+@call_parse(short=dict(source="i", model_tag="g", step="s", max_new_tokens="m"))
+def main(num_gpus: int = 1,               # model replicas, one per GPU (CPU and MPS: always 1)
+         port: int = 8000,                # port to listen on
+         host: str = "127.0.0.1",         # address to listen on (0.0.0.0: every interface)
+         source: str = "sft",             # which model: base, mid, sft or rl
+         model_tag: str | None = None,    # model tag such as d20 (default: the largest under that source)
+         step: int | None = None,         # checkpoint step (default: the last one)
+         device_type: str = "",           # cuda, mps or cpu (empty: autodetect)
+         max_queue: int = 100,            # requests that may wait for a free worker; more get 503
+         max_new_tokens: int = 512):      # longest answer, in tokens, for requests that don't set max_tokens
     "Serve a nanochat model: an OpenAI-compatible chat API at /v1 and a chat UI at /."
     import uvicorn
     if num_gpus < 1: raise CliError(f"--num-gpus must be >= 1, got {num_gpus}")
     if max_queue < 0: raise CliError(f"--max-queue must be >= 0, got {max_queue}")
-    if not 1 <= max_tokens <= MAX_TOKENS: raise CliError(f"--max-tokens must be in 1..{MAX_TOKENS}, got {max_tokens}")
+    if not 1 <= max_new_tokens <= MAX_TOKENS: raise CliError(f"--max-new-tokens must be in 1..{MAX_TOKENS}, got {max_new_tokens}")
     device = compute_init(device_type)[-1]
     if device.type == "cuda":
         if num_gpus > torch.cuda.device_count():
@@ -434,11 +433,11 @@ def main(num_gpus: int = 1,         # model replicas, one per GPU (CPU and MPS: 
         devices = [device]
     engines = []
     try:
-        tag = model_taG or find_largest_model(kInd)
+        tag = model_tag or find_largest_model(source)
         for d in devices:
-            model, tokenizer, meta = load_model(kInd, d, phase="eval", model_tag=tag, step=Step)
+            model, tokenizer, meta = load_model(source, d, phase="eval", model_tag=tag, step=step)
             engines.append(Engine(model, tokenizer))
-    except (FileNotFoundError, ValueError, RuntimeError) as e: raise CliError(f"could not load the {kInd!r} model: {e}")
-    name = f"nanochat-{kInd}-{tag}"
+    except (FileNotFoundError, ValueError, RuntimeError) as e: raise CliError(f"could not load the {source!r} model: {e}") from None
+    name = f"nanochat-{source}-{tag}"
     print(f"serving {name} (step {meta['step']}) on {len(engines)} worker(s) at http://{host}:{port}", flush=True)
-    uvicorn.run(create_app(engines, name, max_queue, max_tokens), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(engines, name, max_queue, max_new_tokens), host=host, port=port, log_level="warning")

@@ -10,8 +10,7 @@ __all__ = ['transcript_html', 'ChatWidget']
 # %% ../nbs/19_chat_widget.ipynb #d0804f17
 import html, warnings
 import ipywidgets as widgets
-from .engine import Engine
-from .chat_cli import ChatSession
+from .engine import Engine, ChatSession
 
 # %% ../nbs/19_chat_widget.ipynb #54af6475
 _BUBBLE = ("max-width:80%;padding:6px 12px;margin:4px 0;border-radius:14px;white-space:pre-wrap;overflow-wrap:anywhere;"

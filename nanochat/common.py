@@ -1,4 +1,4 @@
-"""Where files live, which device and dtype we compute in, distributed set-up, and atomic writes.
+"""Where files live, which device and dtype we compute in, distributed set-up, atomic writes, and command-line entry points.
 
 Docs: https://nanochat-course.github.io/nanochat/common.html.md"""
 
@@ -7,13 +7,15 @@ Docs: https://nanochat-course.github.io/nanochat/common.html.md"""
 # %% auto #0
 __all__ = ['get_base_dir', 'atomic_path', 'atomic_write_text', 'get_dist_info', 'print0', 'autodetect_device_type',
            'compute_dtype', 'autocast_ctx', 'compute_init', 'compute_cleanup', 'measure_cpu_flops', 'get_peak_flops',
-           'DummyWandb', 'get_wandb']
+           'DummyWandb', 'get_wandb', 'slugify', 'render_section', 'Report', 'DummyReport', 'get_report', 'cli_parser',
+           'call_parse']
 
 # %% ../nbs/00_common.ipynb #5ac197ef
-import os, sys, time, logging, tempfile, contextlib
+import os, re, json, time, datetime, tempfile, contextlib, functools, inspect, argparse
 from pathlib import Path
 import torch
 import torch.distributed as dist
+from fastcore.script import anno_parser, CliError
 
 # %% ../nbs/00_common.ipynb #1003a852
 def get_base_dir() -> Path:
@@ -133,3 +135,105 @@ def get_wandb(run: str, project: str, config: dict, master: bool = True):
     try: import wandb
     except ImportError as e: raise SystemExit("--run needs wandb: `pip install wandb` (or leave --run empty)") from e
     return wandb.init(project=project, name=run, config=config)
+
+# %% ../nbs/00_common.ipynb #953e7f62
+def slugify(title: str) -> str: return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+def _fmt(v) -> str:
+    if isinstance(v, bool) or v is None: return str(v)
+    if isinstance(v, int): return f"{v:,}"
+    if isinstance(v, float): return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+def render_section(title: str, data) -> str:
+    "Markdown for one section."
+    lines = [f"## {title}", f"timestamp: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
+    for item in data:
+        if isinstance(item, dict): lines += [f"- {k}: {_fmt(v)}" for k, v in item.items()]
+        else: lines.append(str(item))
+        lines.append("")
+    return "\n".join(lines)
+
+def _jsonable(o):
+    if isinstance(o, torch.Tensor): return o.tolist()
+    if hasattr(o, "item"): return o.item()
+    return str(o)
+
+class Report:
+    "The report folder: `log` writes one stage's section; the report card lesson adds `reset` and `generate`."
+    def __init__(self, report_dir): self.dir = Path(report_dir)
+
+    def log(self, section: str, data=(), metrics: dict | None = None) -> Path:
+        "Write `section` (a list of dicts and strings) and its metrics (json) atomically; returns the markdown path."
+        slug = slugify(section)
+        path = self.dir / f"{slug}.md"
+        atomic_write_text(path, render_section(section, data))
+        if metrics is not None: atomic_write_text(self.dir / f"{slug}.json", json.dumps(metrics, default=_jsonable, indent=1))
+        return path
+
+    def metrics(self, slug: str) -> dict:
+        "The metrics a section logged ({} if it did not run)."
+        p = self.dir / f"{slug}.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+class DummyReport:
+    "What ranks other than 0 get: accepts the calls, writes nothing."
+    def log(self, *args, **kwargs): pass
+    def reset(self, *args, **kwargs): pass
+    def generate(self, *args, **kwargs): pass
+
+def get_report():
+    "The run's report on rank 0 (`$NANOCHAT_BASE_DIR/report`), a `DummyReport` elsewhere."
+    return Report(get_base_dir() / "report") if get_dist_info()[1] == 0 else DummyReport()
+
+# %% ../nbs/00_common.ipynb #3aa49ac1
+def cli_parser(func, short: dict | None = None) -> argparse.ArgumentParser:
+    "fastcore's `anno_parser` for `func` (a flag per parameter, help from its docments), plus `short` flags {name: letter}."
+    p = anno_parser(func)
+    flags = p._option_string_actions  # argparse's flag -> action table (it has no public call to alias a flag)
+    for name, letter in (short or {}).items():
+        long, alias = f"--{name.replace('_', '-')}", f"-{letter}"
+        if long not in flags: raise ValueError(f"{func.__name__}: short flag {alias} for {name!r}, which has no {long} flag")
+        if alias in flags: raise ValueError(f"{func.__name__}: short flag {alias} is used twice")
+        flags[long].option_strings.insert(0, alias)
+        flags[alias] = flags[long]
+    class Formatter(p.formatter_class):  # "-i, --source (str)" rather than "-i (str), --source (str)", as Python 3.13 does
+        def _format_action_invocation(self, action):
+            if not action.option_strings or action.nargs == 0: return super()._format_action_invocation(action)
+            return ", ".join(action.option_strings) + " " + self._format_args(action, action.dest.upper())
+    p.formatter_class = Formatter
+    return p
+
+def _is_script_run(frame) -> bool:
+    "fastcore's test: is `frame` the top level of a file run directly (`python -m mod`, `python file.py`, `%run`)?"
+    if not frame or frame.f_locals is not frame.f_globals: return False
+    g = frame.f_globals
+    if g.get("__name__") != "__main__" or not g.get("__file__"): return False
+    return Path(g["__file__"]).resolve() == Path(frame.f_code.co_filename).resolve()
+
+def call_parse(func=None, *, short: dict | None = None):
+    "fastcore's `call_parse`, with explicit short flags: `@call_parse(short=dict(source='i'))` gives -i and --source."
+    if func is None: return functools.partial(call_parse, short=short)  # used as @call_parse(short=...)
+    if capitals := [k for k in inspect.signature(func).parameters if k != k.lower()]:
+        raise ValueError(f"{func.__name__}: parameter names are snake_case, short flags go in short=: {capitals}")
+    def parse_args(argv=None) -> dict:
+        "The keyword arguments that the command line `argv` (default: `sys.argv[1:]`) gives `func`."
+        kwargs = vars(cli_parser(func, short).parse_args(argv))
+        for hidden in ("pdb", "xtra"): kwargs.pop(hidden)  # anno_parser's hidden flags, not used here
+        return kwargs
+    def run_cli():
+        kwargs = parse_args()
+        try: res = func(**kwargs)
+        except CliError as e: raise SystemExit(str(e)) from None  # the message on stderr, exit status 1, no traceback
+        return res if isinstance(res, int) else None   # an int is an exit status (console scripts: sys.exit(main()))
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        # a call without arguments from the top level of a running script (a console-script wrapper) is a command line
+        if not (args or kwargs) and _is_script_run(inspect.currentframe().f_back): return run_cli()
+        return func(*args, **kwargs)
+    wrapper.parser, wrapper.parse_args = functools.partial(cli_parser, func, short), parse_args  # for --help and tests
+    frame = inspect.currentframe().f_back  # `functools.partial` adds no Python frame: this is the decorated code
+    if _is_script_run(frame):  # `python -m module`: run the command now, with the name already bound, as fastcore does
+        frame.f_globals[func.__name__] = wrapper
+        run_cli()
+    return wrapper

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 from filelock import FileLock
-from fastcore.script import call_parse, CliError
-from .common import get_base_dir, print0, autocast_ctx
+from fastcore.script import CliError
+from .common import call_parse, get_base_dir, print0, autocast_ctx
 from .dataset import download_file, DownloadError
 
 # %% ../nbs/09_core_eval.ipynb #d6e0a873

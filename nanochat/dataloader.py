@@ -74,12 +74,13 @@ def _check_state(state, **want):
         raise ValueError("this data loader state belongs to another loader: " + ", ".join(f"{k}={a!r} (here {b!r})" for k, (a, b) in bad.items())
                          + "; resume each rank from its own state, with the same tokenizer and world size")
 
-def tokenizing_distributed_data_loader(B: int, T: int, split: str, tokenizer=None, device="cpu", state: dict = None,
-                                       rank: int = None, world_size: int = None, tokenizer_threads: int = 4, buffer_docs: int = 1000):
-    """Yield `(inputs, targets, state)` forever: int64 (B, T) batches of `split` on `device`, every row starting at a
+def tokenizing_distributed_data_loader(batch_size: int, seq_len: int, split: str, tokenizer=None, device="cpu", state: dict | None = None,
+                                       rank: int | None = None, world_size: int | None = None, tokenizer_threads: int = 4, buffer_docs: int = 1000):
+    """Yield `(inputs, targets, state)` forever: int64 (batch_size, seq_len) batches of `split` on `device`, every row starting at a
     document's BOS. `tokenizing_distributed_data_loader(..., state=state)` continues exactly after the batch `state` came with."""
     if split not in ("train", "val"): raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if B < 1 or T < 1: raise ValueError(f"B and T must be >= 1, got B={B}, T={T}")
+    B, T = batch_size, seq_len
+    if B < 1 or T < 1: raise ValueError(f"batch_size and seq_len must be >= 1, got {B} and {T}")
     if buffer_docs < 1: raise ValueError(f"buffer_docs must be >= 1, got {buffer_docs}")
     _, r, _, w = get_dist_info()
     rank, world_size = r if rank is None else rank, w if world_size is None else world_size
@@ -93,7 +94,8 @@ def tokenizing_distributed_data_loader(B: int, T: int, split: str, tokenizer=Non
     # checks done: the generator below runs on the first next()
     return _batches(B, T, tokenizer, torch.device(device), ident, epoch, rg, BestFitPacker(docs), tokenizer_threads, buffer_docs)
 
-def _batches(B, T, tokenizer, device, ident, epoch, rg, packer, tokenizer_threads, buffer_docs):
+def _batches(batch_size, seq_len, tokenizer, device, ident, epoch, rg, packer, tokenizer_threads, buffer_docs):
+    B, T = batch_size, seq_len
     source = _row_groups(ident["split"], ident["rank"], ident["world_size"], epoch, rg)
     cuda = device.type == "cuda"
     if cuda:  # two pinned staging buffers: we fill one while an async copy may still be reading the other

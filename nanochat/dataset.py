@@ -17,8 +17,8 @@ import requests
 import pyarrow.parquet as pq
 from filelock import FileLock
 from tqdm import tqdm
-from fastcore.script import call_parse, CliError
-from .common import get_base_dir, atomic_path, get_dist_info
+from fastcore.script import CliError
+from .common import get_base_dir, atomic_path, get_dist_info, call_parse
 
 # %% ../nbs/01_dataset.ipynb #a39cfeb5
 def hf_endpoint() -> str:
@@ -40,7 +40,7 @@ def check_parquet(path):
                          "(truncated or not parquet); delete it and download again")
     if not 0 < footer_len <= size - 12:
         raise ValueError(f"{path}: parquet footer length {footer_len} does not fit in a {size}-byte file; delete it and download again")
-    try: pq.ParquetFile(path).metadata
+    try: _ = pq.ParquetFile(path).metadata  # reads and parses the footer
     except Exception as e: raise ValueError(f"{path}: parquet footer unreadable ({e}); delete it and download again") from e
 
 # %% ../nbs/01_dataset.ipynb #7935cbae
@@ -82,7 +82,7 @@ def _is_complete(dest, check) -> bool:
         print(f"{dest} exists but fails its check ({e}); downloading it again", file=sys.stderr, flush=True)
         return False
 
-def download_file(url: str, dest, *, desc: str = None, check=None, retries: int = 5, timeout: float = 30,
+def download_file(url: str, dest, *, desc: str | None = None, check=None, retries: int = 5, timeout: float = 30,
                   backoff: float = 1.0, progress: bool = True) -> Path:
     "Download `url` to `dest` once, safely: lock, temp file, retries with backoff, size + `check(tmp)`, atomic rename."
     dest = Path(dest)
@@ -172,7 +172,7 @@ def list_shards(split: str) -> list[Path]:
     val = num_shards() - 1
     shards = [found[i] for i in sorted(found) if i < val] if split == "train" else [found[val]] if val in found else []
     if not shards:
-        what = f"no train shards" if split == "train" else f"the validation shard {shard_filename(val)} is not"
+        what = "no train shards" if split == "train" else f"the validation shard {shard_filename(val)} is not"
         raise FileNotFoundError(f"{what} in {data_dir()}: download them with `python -m nanochat.dataset -n N` "
                                 f"(N train shards plus the validation shard; NANOCHAT_NUM_SHARDS={num_shards()})")
     return shards
@@ -189,7 +189,7 @@ def parquets_iter_batched(split: str, start: int = 0, step: int = 1):
                 yield pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
             rg += 1
 
-def iter_texts(split: str, max_chars: int = None):
+def iter_texts(split: str, max_chars: int | None = None):
     "Documents of `split` one by one; with `max_chars`, stop after that many characters (cropping the last document)."
     n = 0
     for batch in parquets_iter_batched(split):
@@ -201,14 +201,14 @@ def iter_texts(split: str, max_chars: int = None):
             n += len(doc)
 
 # %% ../nbs/01_dataset.ipynb #a24d6b76
-@call_parse
-def main(Num_shards: int = 8, # train shards to download (the validation shard always comes too); -1 for all
-         Workers: int = 4):   # parallel downloads
+@call_parse(short=dict(shards="n", workers="w"))
+def main(shards: int = 8,   # train shards to download (the validation shard always comes too); -1 for all
+         workers: int = 4): # parallel downloads
     "Download pretraining shards from $HF_ENDPOINT into $NANOCHAT_BASE_DIR/base_data."
     t0 = time.time()
     try:
-        n = num_shards() - 1 if Num_shards < 0 else Num_shards
-        paths = download_shards(n, Workers)
+        n = num_shards() - 1 if shards < 0 else shards
+        paths = download_shards(n, workers)
     except (DownloadError, ValueError) as e: raise CliError(str(e)) from e
     mb = sum(p.stat().st_size for p in paths) / 1e6
     print(f"{len(paths) - 1} train shards + 1 validation shard ({mb:.1f} MB) in {data_dir()}, "

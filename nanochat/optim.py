@@ -14,11 +14,11 @@ import torch.distributed as dist
 from .common import print0
 
 # %% ../nbs/05_optim.ipynb #68c02390
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    "Approximately orthogonalize `G` (..., m, n): U S V^T -> ~U S' V^T with S' in about [0.7, 1.2], in bf16."
-    assert G.ndim >= 2, f"Newton-Schulz needs a matrix (or a batch of them), got shape {tuple(G.shape)}"
+def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    "Approximately orthogonalize `g` (..., m, n): U S V^T -> ~U S' V^T with S' in about [0.7, 1.2], in bf16."
+    assert g.ndim >= 2, f"Newton-Schulz needs a matrix (or a batch of them), got shape {tuple(g.shape)}"
     a, b, c = 3.4445, -4.7750, 2.0315  # quintic coefficients from https://kellerjordan.github.io/posts/muon/
-    X = G.bfloat16()
+    X = g.bfloat16()
     tall = X.size(-2) > X.size(-1)
     if tall: X = X.mT  # iterate on the wide side: X @ X^T is then the smaller Gram matrix
     # Frobenius norm >= spectral norm, so after this every singular value is <= 1, inside the iteration's basin

@@ -21,7 +21,7 @@ from .execution import execute_code
 # %% ../nbs/10_tasks.ipynb #393597b5
 class Task:
     "A list-like view `start:stop:step` of the conversations a dataset's `get_example` builds, and how to grade answers."
-    def __init__(self, start: int = 0, stop: int = None, step: int = 1):
+    def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
         if start < 0 or (stop is not None and stop < 0) or step < 1:
             raise ValueError(f"a task view needs start >= 0, stop >= 0 (or None) and step >= 1; got {start}:{stop}:{step}")
         self.start, self.stop, self.step = start, stop, step
@@ -131,7 +131,7 @@ class _MultipleChoice(_ParquetTask):
 # %% ../nbs/10_tasks.ipynb #20bb1faf
 class MMLU(_MultipleChoice):
     "MMLU multiple choice: subset 'all' (split test|validation|dev|auxiliary_train) or 'auxiliary_train' (training)."
-    def __init__(self, subset: str = "all", split: str = None, **kwargs):
+    def __init__(self, subset: str = "all", split: str | None = None, **kwargs):
         super().__init__(**kwargs)
         _check("MMLU subset", subset, ("all", "auxiliary_train"))
         if subset == "auxiliary_train":  # the same file, under its training name

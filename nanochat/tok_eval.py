@@ -8,10 +8,9 @@ Docs: https://nanochat-course.github.io/nanochat/tok_eval.html.md"""
 __all__ = ['EVAL_TEXTS', 'compression_table', 'format_table', 'main']
 
 # %% ../nbs/02b_tok_eval.ipynb #c8d605e7
-from fastcore.script import call_parse
+from .common import call_parse, get_report
 from .tokenizer import Tokenizer, get_tokenizer
-from .dataset import list_shards, parquets_iter_batched
-from .report import get_report
+from .dataset import parquets_iter_batched
 
 EVAL_TEXTS = {
     "news": "The city council voted on Tuesday to approve a new budget that raises spending on public transit by "

@@ -10,11 +10,9 @@ __all__ = ['main']
 # %% ../nbs/02a_tok_train.ipynb #e0b1e8da
 import time
 from tqdm import tqdm
-from fastcore.script import call_parse
-from .common import get_base_dir, print0
+from .common import call_parse, get_base_dir, print0, get_report
 from .tokenizer import Tokenizer
 from .dataset import iter_texts
-from .report import get_report
 
 @call_parse
 def main(

@@ -8,10 +8,8 @@ Docs: https://nanochat-course.github.io/nanochat/tokenizer.html.md"""
 __all__ = ['SPLIT_PATTERN', 'SPECIAL_TOKENS', 'Tokenizer', 'get_tokenizer', 'get_token_bytes']
 
 # %% ../nbs/02_tokenizer.ipynb #ec97c812
-import os, copy, pickle, base64, json, time
-from collections import Counter
+import copy, base64, json
 from pathlib import Path
-import regex
 import tiktoken
 import torch
 from .common import get_base_dir, atomic_path, atomic_write_text

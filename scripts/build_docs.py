@@ -244,7 +244,7 @@ def build(out: Path, nbs: Path) -> list:
                 module=module)))
         except Exception as e:
             raise SystemExit(f"build_docs: could not render {page['src']}: {type(e).__name__}: {e}") from e
-        body = re.sub(r"DOCSMATH(\d+)X", lambda m: math[int(m.group(1))], body)
+        body = re.sub(r"DOCSMATH(\d+)X", lambda m, math=math: math[int(m.group(1))], body)
         # links between lessons: NN_name.ipynb -> NN_name.html (only for notebooks that are part of the site)
         body = re.sub(r'href="([\w.-]+)\.ipynb(#[^"]*)?"',
                       lambda m: f'href="{m.group(1)}.html{m.group(2) or ""}"' if f"{m.group(1)}.ipynb" in known else m.group(0),

@@ -36,17 +36,9 @@ fi
 # the Rust BPE trainer (builds offline from Debian's crate sources when crates.io is unreachable)
 bash rustbpe/install.sh
 
-# keep notebooks clean at commit time: a git pre-commit hook that cleans the staged notebooks and re-exports the package
-if [ -d .git ] && [ ! -f .git/hooks/pre-commit ]; then
-  mkdir -p .git/hooks
-  cat > .git/hooks/pre-commit <<'HOOK'
-#!/usr/bin/env bash
-# installed by scripts/setup.sh: nbdev-clean the staged notebooks and keep nanochat/ exported from nbs/
-set -e
-. .venv/bin/activate
-for nb in $(git diff --cached --name-only --diff-filter=AM -- 'nbs/*.ipynb'); do nbdev-clean --fname "$nb"; git add "$nb"; done
-nbdev-export && git add nanochat
-HOOK
-  chmod +x .git/hooks/pre-commit
+# keep notebooks clean and the package exported at commit time: pre-commit with the hooks in .pre-commit-config.yaml
+if [ -d .git ]; then
+  grep -qs "installed by scripts/setup.sh" .git/hooks/pre-commit && rm -f .git/hooks/pre-commit  # the old hand-written hook
+  [ -f .git/hooks/pre-commit ] || pre-commit install >/dev/null
 fi
 echo "[setup] ready: $(python -c 'import torch, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")')"

@@ -175,23 +175,23 @@ launch -m nanochat.base_train -- --depth="$DEPTH" --device-batch-size="$DEVICE_B
   --save-every="$SAVE_EVERY" --keep-checkpoints=2 --run="$WANDB_RUN"
 # bits per byte on train and val, samples, and CORE on all of the bundle's tasks (lesson 09a)
 stage "base model evaluation"
-launch -m nanochat.base_eval -- --kind=base
+launch -m nanochat.base_eval -- --source=base
 
 # --- midtraining (lesson 14): conversations, special tokens, multiple choice, tool use
 stage "midtraining"
 launch -m nanochat.mid_train -- --run="$WANDB_RUN"
-launch -m nanochat.chat_eval -- --kind=mid --quiet
+launch -m nanochat.chat_eval -- --source=mid --quiet
 
 # --- supervised finetuning (lesson 15): one epoch over the SFT mixture, loss on the assistant's tokens only
 stage "supervised finetuning"
 launch -m nanochat.chat_sft -- --run="$WANDB_RUN"
-launch -m nanochat.chat_eval -- --kind=sft --quiet
+launch -m nanochat.chat_eval -- --source=sft --quiet
 
 # --- optional: reinforcement learning on GSM8K (lesson 16): +3 points of GSM8K in the reference run
 if [ "$WITH_RL" = 1 ]; then
   stage "reinforcement learning on GSM8K"
   launch -m nanochat.chat_rl -- --run="$WANDB_RUN"
-  launch -m nanochat.chat_eval -- --kind=rl --task-name=GSM8K --quiet
+  launch -m nanochat.chat_eval -- --source=rl --task-name=GSM8K --quiet
 fi
 
 # --- the report card: every stage's section, the summary table, time and cost

@@ -20,7 +20,7 @@ mkdir -p "$NANOCHAT_BASE_DIR"
 t0=$SECONDS
 step() { echo; echo "== $* ($((SECONDS - t0))s)"; }
 
-step "1/4 nbdev-export: the package must match the notebooks"
+step "1/5 nbdev-export: the package must match the notebooks"
 snap=$(mktemp -d)
 cp -r nanochat "$snap/"
 nbdev-export
@@ -31,7 +31,7 @@ if ! diff -rq -x __pycache__ "$snap/nanochat" nanochat; then
 fi
 rm -rf "$snap"
 
-step "2/4 nbdev-clean: notebooks must be clean"
+step "2/5 nbdev-clean: notebooks must be clean"
 before=$(find nbs -name '*.ipynb' -exec md5sum {} + | sort)
 nbdev-clean
 after=$(find nbs -name '*.ipynb' -exec md5sum {} + | sort)
@@ -40,11 +40,14 @@ if [ "$before" != "$after" ]; then
   diff <(echo "$before") <(echo "$after") || true; exit 1
 fi
 
-step "3/4 nbdev-test: every lesson runs and its assertions hold (flags: ${NBDEV_TEST_FLAGS:-none})"
+step "3/5 ruff: the package, scripts, tests and benchmarks (rules in pyproject.toml)"
+ruff check nanochat scripts tests benchmarks
+
+step "4/5 nbdev-test: every lesson runs and its assertions hold (flags: ${NBDEV_TEST_FLAGS:-none})"
 # two notebooks at a time on two cores: one torch thread each, or they spend their time waiting on each other
 OMP_NUM_THREADS=1 nbdev-test --n-workers "${NBDEV_TEST_WORKERS:-2}" --timing ${NBDEV_TEST_FLAGS:+--flags "$NBDEV_TEST_FLAGS"}
 
-step "4/4 pytest"
+step "5/5 pytest"
 # pytest exits 5 when it collects no test: with `set -e` that fails the run, as it should.
 python -m pytest "$@"
 step "all tests passed"

@@ -4,7 +4,7 @@ against 1 process accumulating 2 micro-batches, bits-per-byte summed over ranks,
 Data comes from $HF_ENDPOINT, or from a loopback server over ../shared/hf-mirror started here; everything is written
 under a temporary NANOCHAT_BASE_DIR. Models are depth 2 with a 512-token vocabulary, so every run takes seconds.
 """
-import os, sys, signal, functools, subprocess, threading, http.server
+import os, sys, signal, subprocess
 from pathlib import Path
 from unittest import mock
 import pytest
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--depth=2", "--max-seq-len=64", "--device-batch-size=2", "--device-type=cpu", "--sample-every=-1", "--eval-tokens=512"]
+TINY = ["--depth=2", "--max-seq-len=64", "--device-batch-size=2", "--device-type=cpu", "--sample-every=0", "--eval-tokens=512"]
 
 
 # `endpoint` (HF_ENDPOINT or the loopback mirror) comes from conftest.py
@@ -99,7 +99,7 @@ def test_resume_refuses_other_flags(env, resumed):
     from nanochat.base_train import main
     with mock.patch.dict(os.environ, env), pytest.raises(CliError, match=r"--num-iterations=24 \(now 30\)"):
         main(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, num_iterations=30, save_every=3,
-             eval_every=8, eval_tokens=512, sample_every=-1, device_type="cpu", model_tag="straight", resume=True)
+             eval_every=8, eval_tokens=512, sample_every=0, device_type="cpu", model_tag="straight", resume=True)
 
 
 # ---- torchrun: 2 processes == 1 process with 2 accumulation steps

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tiny_chat_base(tmp_path_factory.mktemp("uibase"))
-    srv = ChatServer(base, "--max-tokens", "40", log_dir=tmp_path_factory.mktemp("logs"))
+    srv = ChatServer(base, "--max-new-tokens", "40", log_dir=tmp_path_factory.mktemp("logs"))
     yield srv
     srv.stop()
 

@@ -256,7 +256,7 @@ def test_torchrun_cli_equals_one_process(tok, env):
     tok.save(get_base_dir() / "tokenizer")
     model = tiny_gpt()
     save_checkpoint(checkpoint_dir("sft", "d2"), 5, model.state_dict(), None, {"model_config": dataclasses.asdict(model.config)})
-    args = dict(maX_problems=5, Max_new_tokens=8, device_type="cpu")
+    args = dict(max_problems=5, max_new_tokens=8, device_type="cpu")
     one = main(**args, quiet=True)
     assert set(one["results"]) == set(TASKS) and one["chatcore"] == pytest.approx(chatcore(one["results"]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanochat.chat_eval",

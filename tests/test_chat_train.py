@@ -6,7 +6,7 @@ Data comes from $HF_ENDPOINT, or from a loopback server over ../shared/hf-mirror
 under temporary NANOCHAT_BASE_DIRs. The model is a depth-2 GPT with random weights (the stages don't care what it knows)
 and a 512-token tokenizer, saved as the base, mid and sft checkpoints every stage starts from.
 """
-import os, sys, signal, shutil, functools, subprocess, threading, http.server, dataclasses
+import os, sys, signal, shutil, subprocess, dataclasses
 from pathlib import Path
 from unittest import mock
 import pytest
@@ -241,7 +241,7 @@ def test_mid_epoch_ends_together_on_two_ranks(prepared, tmp_path):
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)  # a rank left behind would hang
     assert r.returncode == 0, f"2-rank mid_train failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     _, meta = _final_weights(env["NANOCHAT_BASE_DIR"], "mid")
-    assert meta["world_size"] == 2 and meta["loop"]["progress"] >= 1.0
+    assert meta["world_size"] == 2 and meta["loop"]["epoch_progress"] >= 1.0
     steps = meta["history"]["step"]
     assert steps == list(range(1, meta["step"] + 1)) and meta["step"] >= 3  # it trained several steps, then stopped at the epoch
     assert "(100.0%)" in r.stdout and f"step {meta['step']:05d} | saved checkpoint" in r.stdout

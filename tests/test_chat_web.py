@@ -113,7 +113,7 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(base, tmp_path_factory):
     # default answers are short (16 tokens) so that fuzzed requests without max_tokens stay quick
-    srv = ChatServer(base, "--max-queue", "64", "--max-tokens", "16", log_dir=tmp_path_factory.mktemp("logs"))
+    srv = ChatServer(base, "--max-queue", "64", "--max-new-tokens", "16", log_dir=tmp_path_factory.mktemp("logs"))
     yield srv
     srv.stop()
     assert "Traceback" not in srv.log(), srv.log()  # no request made the server crash or log an exception
@@ -160,8 +160,8 @@ def test_plain_answer_and_usage(client, tokenizer, base):
     assert choice.finish_reason == "length"  # a random model does not end its turn within 10 tokens
     prompt = len(tokenizer.render_for_completion(USER))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt, 10, prompt + 10)
-    # the content is what the engine samples with that seed, shown as lesson 17's Reply shows it
-    from nanochat.chat_cli import Reply
+    # the content is what the engine samples with that seed, shown as the engine lesson's Reply shows it
+    from nanochat.engine import Reply
     from nanochat.engine import Engine
     model = load_tiny_model(base)
     ids = tokenizer.render_for_completion(USER)

@@ -6,9 +6,8 @@ the mirror's 3 train shards and the validation shard); everything is written und
 Settings are tiny (depth 2, 64-token rows, a 512-token vocabulary, a few steps per stage): this checks that the stages
 fit together, not that the model learns.
 """
-import os, sys, json, time, functools, subprocess, threading, http.server
+import os, sys, json, time, subprocess
 from pathlib import Path
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +20,7 @@ PIPELINE = [
     ("nanochat.dataset", ["-n", "1"], None, ["base_data/shard_00000.parquet", "base_data/shard_00003.parquet"]),
     ("nanochat.tok_train", ["--max-chars=300000", "--vocab-size=512"], None, ["tokenizer/tokenizer.bpe", "tokenizer/token_bytes.pt"]),
     ("nanochat.base_train", ["--device-type=cpu", "--depth=2", "--max-seq-len=64", "--device-batch-size=4", "--total-batch-size=-1",
-                             "--num-iterations=20", "--eval-every=-1", "--eval-tokens=1024", "--sample-every=-1"],
+                             "--num-iterations=20", "--eval-every=-1", "--eval-tokens=1024", "--sample-every=0"],
      None, ["base_checkpoints/d2/model_000020.pt", "base_checkpoints/d2/meta_000020.json"]),
     ("nanochat.mid_train", ["--device-type=cpu", "--num-iterations=10", "--eval-every=-1", "--eval-tokens=1024"],
      "loaded base model d2 step 20 from {base}/base_checkpoints/d2", ["mid_checkpoints/d2/model_000010.pt", "mid_checkpoints/d2/meta_000010.json"]),

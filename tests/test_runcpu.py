@@ -1,7 +1,6 @@
 "The README's main command in its reduced mode (QUICK=1, RL on): every stage runs on the mirror and the report card has its summary."
 import os, re, subprocess
 from pathlib import Path
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -124,7 +124,7 @@ def unicode_text():
 CORPORA = {"real": real_text, "code": code_text, "unicode": unicode_text}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_merges(corpus):
     "Reference merges up to vocab 1000; smaller vocabularies are prefixes of these."
     return reference_train(CORPORA[corpus](), 1000)
@@ -253,7 +253,7 @@ def to_tiktoken(tok):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_pair():
     tok = train(code_text() + unicode_text(), 1000)
     return tok, to_tiktoken(tok)

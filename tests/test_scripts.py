@@ -1,6 +1,6 @@
 """The GPU run recipes (scripts/speedrun.sh, scripts/run1000.sh) can't run here, so this checks what can drift from the
 code without a GPU: bash syntax; every `-m nanochat.X` they launch exists and accepts the flags they pass (parsed by the
-entry point's own fastcore parser); the torchrun launcher flags, single- and multi-node, are valid torchrun flags; and
+entry point's own parser); the torchrun launcher flags, single- and multi-node, are valid torchrun flags; and
 the numbers quoted in their header comments are exactly what their `plan` prints today."""
 import importlib, importlib.util, re, shlex, subprocess, sys
 from pathlib import Path
@@ -37,6 +37,11 @@ def code_lines(text: str):
     return lines
 
 
+def cli_parser(main):
+    "The parser an entry point's command line uses: nanochat.common's `call_parse` keeps it (short flags included), else fastcore's."
+    return main.parser() if hasattr(main, "parser") else anno_parser(main)
+
+
 def nanochat_calls(text: str) -> list:
     "(module, args) for every `-m nanochat.X ...` command; shell variables become `1` (valid for str, int and float)."
     calls = []
@@ -71,7 +76,7 @@ def test_entry_points_and_flags_exist(script):
     for mod in set(re.findall(r"-m\s+(nanochat\.[a-z_]+)\b", text)):  # comments too ("nanochat.X" is a placeholder)
         assert importlib.util.find_spec(mod), f"{script.name} mentions {mod}, which does not exist"
     for mod, args in calls:
-        parser = anno_parser(importlib.import_module(mod).main)
+        parser = cli_parser(importlib.import_module(mod).main)
         parser.exit_on_error = False
         try: parser.parse_args(args)
         except (SystemExit, Exception) as e:
@@ -82,7 +87,10 @@ def test_flag_check_catches_drift():
     "The check above fails on a flag an entry point doesn't have (or it would prove nothing)."
     (mod, args), = nanochat_calls('launch -m nanochat.base_train -- --depth="$DEPTH" --no-such-flag=3\n')
     assert args == ["--depth=1", "--no-such-flag=3"]
-    with pytest.raises(SystemExit): anno_parser(importlib.import_module(mod).main).parse_args(args)
+    with pytest.raises(SystemExit): cli_parser(importlib.import_module(mod).main).parse_args(args)
+    (mod, args), = nanochat_calls('launch -m nanochat.chat_eval -- --kind=sft -i sft\n')  # a renamed flag is drift too
+    cli_parser(importlib.import_module(mod).main).parse_args(args[1:])
+    with pytest.raises(SystemExit): cli_parser(importlib.import_module(mod).main).parse_args(args)
 
 
 def launcher_args(script: Path, env: str) -> list:
