@@ -19,7 +19,7 @@ from .dataloader import tokenizing_distributed_data_loader
 from .checkpoint_manager import checkpoint_dir
 from .train_loop import (Trainer, AccumulatingStreams, lm_step, bpb_eval, evaluation, load_resume, format_config)
 from .core_eval import evaluate_core, get_eval_bundle
-from .dataset import DownloadError
+from .dataset import DownloadError, check_shards
 
 # %% ../nbs/08_base_train.ipynb #b77eae0d
 def derive_config(depth: int, vocab_size: int, max_seq_len: int = 2048, device_batch_size: int = 32,
@@ -110,6 +110,7 @@ def main(
     save_every:int=-1, # checkpoint every N steps (and always at the end; -1: only at the end)
     keep_checkpoints:int=0, # keep only the last N checkpoints of this model tag (0: keep all)
     resume:bool=False, # continue the last checkpoint of this model tag exactly (same flags, same number of ranks)
+    resume_step:int=-1, # with --resume: the step to continue from (-1: the last complete one)
     dry_run:bool=False, # build everything and take one step, but evaluate and save nothing
     model_tag:str="", # checkpoint folder under base_checkpoints/ (empty: d{depth})
     device_type:str="", # cuda, cpu or mps (empty: autodetect)
@@ -129,6 +130,8 @@ def main(
                             target_param_data_ratio, num_iterations, target_flops, embedding_lr, unembedding_lr, matrix_lr)
     except ValueError as e: raise CliError(str(e)) from None
     A, B, T, N = cfg["grad_accum_steps"], device_batch_size, max_seq_len, cfg["num_iterations"]
+    try: check_shards("train"), check_shards("val")  # every shard the run reads, now rather than at its first evaluation
+    except (FileNotFoundError, ValueError) as e: raise CliError(str(e)) from None
 
     # ---- init: device, process group, and the eval bundle now rather than hours into the run
     device_type = device_type or autodetect_device_type()
@@ -144,9 +147,10 @@ def main(
     model.to_empty(device=device)
     model.init_weights()
     optimizers = setup_optimizers(model, unembedding_lr, embedding_lr, matrix_lr, weight_decay)
-    ckpt_dir, resumed = checkpoint_dir("base", model_tag or f"d{depth}"), None
+    try: ckpt_dir, resumed = checkpoint_dir("base", model_tag or f"d{depth}"), None
+    except ValueError as e: raise CliError(f"--model-tag: {e}") from None
     if resume:
-        model_state, resumed = load_resume(ckpt_dir, device, user_config, rank)
+        model_state, resumed = load_resume(ckpt_dir, device, user_config, rank, resume_step)
         model.load_state_dict(model_state)
     fwd = torch.compile(model, dynamic=False) if (device_type == "cuda" if compile is None else compile) else model
 

@@ -25,6 +25,11 @@ def get_base_dir() -> Path:
     return base
 
 # %% ../nbs/00_common.ipynb #c35da9e8
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0); os.umask(mask)  # the only way to read it is to set it (once: not thread-safe)
+    return mask
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=".tmp"):
     "Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it."
@@ -34,6 +39,7 @@ def atomic_path(path, suffix=".tmp"):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); the file gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
@@ -76,9 +82,9 @@ def autocast_ctx(device_type: str):
 def compute_init(device_type: str = "", seed: int = 42):
     "Set up device, seeds and (under torchrun) the process group. Returns (is_ddp, rank, local_rank, world_size, device)."
     device_type = device_type or autodetect_device_type()
-    assert device_type in ("cuda", "mps", "cpu"), f"--device-type must be cuda, mps or cpu, got {device_type!r}"
+    if device_type not in ("cuda", "mps", "cpu"): raise CliError(f"--device-type must be cuda, mps or cpu (or empty: autodetect), got {device_type!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device-type=cuda but no CUDA GPU is visible; use --device-type=cpu (or leave it empty to autodetect)")
+        raise CliError("--device-type=cuda but no CUDA GPU is visible; use --device-type=cpu (or leave it empty to autodetect)")
     torch.manual_seed(seed)
     if device_type == "cuda":
         torch.cuda.manual_seed(seed)

@@ -6,14 +6,15 @@ Docs: https://nanochat-course.github.io/nanochat/dataset.html.md"""
 
 # %% auto #0
 __all__ = ['SHARD_REPO', 'hf_endpoint', 'check_parquet', 'DownloadError', 'download_file', 'hf_download', 'num_shards',
-           'data_dir', 'shard_filename', 'download_shards', 'list_shards', 'parquets_iter_batched', 'iter_texts',
-           'main']
+           'data_dir', 'shard_filename', 'download_shards', 'list_shards', 'ShardError', 'check_shards',
+           'parquets_iter_batched', 'iter_texts', 'main']
 
 # %% ../nbs/01_dataset.ipynb #32faa23a
-import os, re, sys, time, random
+import os, re, sys, time, random, contextlib
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor, as_completed
 import requests
+import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
 from tqdm import tqdm
@@ -178,15 +179,39 @@ def list_shards(split: str) -> list[Path]:
     return shards
 
 # %% ../nbs/01_dataset.ipynb #ab1445cc
+class ShardError(CliError):
+    "A shard that can't be read: one line that names the file, what is wrong, and how to get it again."
+
+@contextlib.contextmanager
+def _naming(path, where=""):
+    "Turn pyarrow's errors about `path` (\"Parquet magic bytes not found\", \"ZSTD decompression failed\") into a `ShardError`."
+    try: yield
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"shard {path} is damaged ({(where + ': ') if where else ''}{str(e).splitlines()[0][:160]}): delete it and "
+                         f"download it again with `python -m nanochat.dataset -n N` (N: the number of train shards you use)") from None
+
+def check_shards(split: str) -> list:
+    "The local shards of `split`, each checked with `check_parquet` (magic bytes and footer): a run checks them before it starts."
+    shards = list_shards(split)
+    for path in shards:
+        try: check_parquet(path)
+        except ValueError as e:
+            why = str(e) if "download again" in str(e) else f"{e}; delete it and download again"
+            raise ShardError(f"shard {why} with `python -m nanochat.dataset -n N`") from None
+    return shards
+
 def parquets_iter_batched(split: str, start: int = 0, step: int = 1):
     "Yield the `text` of row groups `start, start+step, ...` (numbered across the split's shards) as lists of str."
     assert step >= 1 and start >= 0, f"need start >= 0 and step >= 1, got start={start}, step={step}"
     rg = 0  # global row-group index
     for path in list_shards(split):
-        pf = pq.ParquetFile(path)
-        for i in range(pf.num_row_groups):
+        with _naming(path):
+            pf = pq.ParquetFile(path)
+            n = pf.num_row_groups
+        for i in range(n):
             if rg >= start and (rg - start) % step == 0:
-                yield pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
+                with _naming(path, f"row group {i}"): texts = pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
+                yield texts
             rg += 1
 
 def iter_texts(split: str, max_chars: int | None = None):

@@ -87,15 +87,133 @@ class _Capture:
         mid = f"\n... [{skipped:,} bytes not shown] ...\n".encode() if skipped else b""
         return (bytes(self.head) + mid + self.tail).decode("utf-8", "replace")
 
+# %% ../nbs/11_execution.ipynb #3f2868b5
+def _enter_namespaces(work: str, userns: bool = False, nobody_procs: int = 0) -> dict:
+    """In the child, first of all: new mount, network, PID, IPC and UTS namespaces (and a user namespace unless we are
+    root), the whole filesystem read-only but `work`, then a fork. This process waits and exits as its child did; the
+    program (PID 2 of the new PID namespace, under an init that takes everything with it when the program ends) sees a
+    fresh `/proc`, drops its privileges (root: to user `nobody`; in a user namespace: every capability) and returns
+    {isolation, nproc} to run the program. Raises OSError where the
+    kernel refuses (no namespaces on macOS, none allowed in a locked-down container). Shipped as source: self-contained."""
+    import ctypes, os, signal
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    def check(r, what):
+        if r != 0: e = ctypes.get_errno(); raise OSError(e, f"{what}: {os.strerror(e)}")
+    def mount(src, dst, fstype, flags, data=None):
+        enc = lambda s: None if s is None else os.fsencode(s)
+        check(libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), f"mount {dst}")
+    NEWNS, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, MOVE, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 8192, 16384, 1 << 18
+    root = os.geteuid() == 0 and not userns
+    uid, gid = os.geteuid(), os.getegid()
+
+    # 1. namespaces: in a user namespace we are its root, mapped to our own user outside
+    check(libc.unshare(NEWNS | NEWUTS | NEWIPC | NEWPID | NEWNET | (0 if root else NEWUSER)), "unshare")
+    if not root:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f: f.write(text)
+
+    # 2. the filesystem: our mounts private, everything read-only but the work dir
+    mount(None, "/", None, REC | PRIVATE)
+    if root:  # nobody must still reach the interpreter: a directory it can't enter (ours is under /root) is replaced by
+        import sys  # an empty, enterable tmpfs with the interpreter's own folder mounted back at the same path
+        keep = sys.base_prefix
+        parts = keep.rstrip("/").split("/")
+        shut = next(("/".join(parts[:i]) for i in range(2, len(parts) + 1) if not os.stat("/".join(parts[:i])).st_mode & 0o001), None)
+        if shut:
+            stage = os.path.join(work, ".interpreter")
+            os.mkdir(stage)
+            mount(keep, stage, None, BIND | REC)
+            mount("tmpfs", shut, "tmpfs", NOSUID | NODEV, "mode=0755,size=64k")
+            os.makedirs(keep, exist_ok=True)
+            mount(stage, keep, None, MOVE)
+            os.rmdir(stage)
+    mount(work, work, None, BIND)  # its own mount, so it can stay writable
+    class Attr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                    ("userns_fd", ctypes.c_uint64)]
+    def mount_attr(path, set_=0, clr=0, recursive=False):  # mount_setattr(2), Linux >= 5.12: syscall 442 on every arch
+        a = Attr(set_, clr, 0, 0)
+        check(libc.syscall(442, -100, os.fsencode(path), 0x8000 if recursive else 0, ctypes.byref(a), ctypes.sizeof(a)),
+              f"mount_setattr {path}")
+    try:
+        mount_attr("/", set_=1 | 2, recursive=True)  # MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID on every mount
+        mount_attr(work, clr=1)
+    except OSError:  # an older kernel: remount each mount read-only, keeping the flags it has (locked ones must stay)
+        flags = {1: RDONLY, 2: NOSUID, 4: NODEV, 8: NOEXEC, 1024: 1024, 2048: 2048, 4096: 1 << 21}
+        with open("/proc/self/mountinfo") as f: points = [line.split()[4].replace("\\040", " ") for line in f]
+        for mp in sorted(set(points), key=len):
+            if mp == work: continue
+            have = os.statvfs(mp).f_flag
+            try: mount(None, mp, None, REMOUNT | BIND | RDONLY | sum(v for k, v in flags.items() if have & k))
+            except OSError: pass  # e.g. a mount we can't see into; the next one may still work
+    if os.statvfs("/").f_flag & 1 == 0: raise OSError(1, "could not make the filesystem read-only")
+    os.chdir(work)  # our cwd still points into the directory *under* the new mount: enter the writable one
+
+    # 3. two forks. The PID namespace holds the children of the process that made it: its first one is PID 1, its init,
+    # which reaps orphans, and whose exit kills everything left in the namespace. The init forks the program (PID 2, so
+    # that signals work on it as usual: an init ignores the ones it has no handler for), waits for it, passes its wait
+    # status out through a pipe, and exits. This process waits for the init and exits the way the program did.
+    status_r, status_w = os.pipe()
+    init = os.fork()
+    if init:
+        os.closerange(0, status_r); os.closerange(status_r + 1, 1 << 16)  # the program's pipes are the program's
+        while True:
+            try: _, status = os.waitpid(init, 0); break
+            except InterruptedError: pass
+        got = os.read(status_r, 32)
+        status = int(got) if got else status  # no word from the init: it died itself (killed from outside)
+        if os.WIFSIGNALED(status):  # die the same way, so the parent sees the program's signal
+            import resource
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if os.WTERMSIG(status) not in (signal.SIGKILL, signal.SIGSTOP): signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+            os.kill(os.getpid(), os.WTERMSIG(status))
+        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+    os.close(status_r)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: if the waiting parent is killed, so is the namespace
+    mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)  # a /proc that shows only this namespace's processes
+    program = os.fork()
+    if program:
+        os.closerange(0, status_w); os.closerange(status_w + 1, 1 << 16)
+        while True:  # reap whatever the program leaves behind, until the program itself ends
+            try: pid, status = os.waitpid(-1, 0)
+            except InterruptedError: continue
+            if pid == program: os.write(status_w, str(status).encode()); os._exit(0)
+    os.close(status_w)
+    libc.prctl(1, signal.SIGKILL)  # and if the init goes, so does the program
+
+    # 4. privileges: root becomes nobody (whose processes RLIMIT_NPROC counts); a user namespace's root loses every capability
+    if root:
+        for dirpath, dirnames, filenames in os.walk(work):
+            for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]: os.chown(name, 65534, 65534)
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    else:
+        class Header(ctypes.Structure): _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+        data = (ctypes.c_uint32 * 6)()  # two (effective, permitted, inheritable) triples, all zero
+        check(libc.capset(ctypes.byref(Header(0x20080522, 0)), data), "capset")
+    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: no setuid binary gives them back
+    return dict(isolation="namespaces: " + ("root -> nobody" if root else "user namespace, no capabilities") +
+                ", read-only filesystem but the work dir, no network, own PID namespace", nproc=nobody_procs + 8 if root else None)
+
+
 # %% ../nbs/11_execution.ipynb #196a7b3f
 def _sandbox_main(config: str):
     "Runs in the child: set limits, disable dangerous functions, run program.py. Shipped as source: self-contained."
     import builtins, inspect, io, json, os, posix, resource, signal, socket, _socket, subprocess, _posixsubprocess, sys, traceback
     cfg = json.loads(config)
-    work = cfg["workdir"]
+    work, nproc = cfg["workdir"], cfg["nproc"]
+    # 0. The boundary: namespaces, a read-only filesystem, no network, an unprivileged user (see `_enter_namespaces`).
+    isolation = "guards only (namespaces turned off)"
+    if cfg["namespaces"]:
+        try:
+            got = _enter_namespaces(work, cfg.get("userns", False), cfg["nobody_procs"])
+            isolation, nproc = got["isolation"], got["nproc"] or nproc
+        except OSError as e: isolation = f"guards only: the kernel refused namespaces ({e.strerror or e})"
+    os.write(cfg["status_fd"], isolation.encode()); os.close(cfg["status_fd"])  # the parent reports it
     # 1. Kernel-enforced limits; soft == hard so the program can't raise them back (root could: see the guard).
     limits = dict(AS=cfg["memory"], CPU=cfg["cpu"], FSIZE=cfg["fsize"], NOFILE=cfg["nofile"], CORE=0)
-    if cfg["nproc"]: limits["NPROC"] = cfg["nproc"]
+    if nproc: limits["NPROC"] = nproc
     for name, n in limits.items():
         which = getattr(resource, "RLIMIT_" + name)
         hard = resource.getrlimit(which)[1]  # never ask for more than we have: raising a hard limit is an error
@@ -185,6 +303,7 @@ class ExecutionResult:
     returncode: int | None = None  # negative: killed by that signal
     duration: float = 0.0          # wall-clock seconds, interpreter start-up included
     truncated: bool = False        # stdout or stderr was longer than max_output_bytes and was cut
+    isolation: str = ""             # what held the program: namespaces (and how), or the guard only (and why)
 
 def _killpg(pgid):
     with suppress(ProcessLookupError, PermissionError): os.killpg(pgid, signal.SIGKILL)
@@ -196,7 +315,7 @@ def _exited(proc) -> bool:
 
 def _communicate(proc, cap, deadline):
     "Read both pipes into bounded captures until they close or `deadline`; returns (out, err, timed_out)."
-    out, err = _Capture(cap), _Capture(cap)
+    out, err, grace = _Capture(cap), _Capture(cap), None
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ, out)
         sel.register(proc.stderr, selectors.EVENT_READ, err)
@@ -207,7 +326,10 @@ def _communicate(proc, cap, deadline):
                 chunk = os.read(key.fd, 1 << 16)
                 if chunk: key.data.add(chunk)
                 else: sel.unregister(key.fileobj)
-            if sel.get_map() and _exited(proc): _killpg(proc.pid)  # leftovers hold the pipes open: end them
+            if sel.get_map() and _exited(proc):
+                _killpg(proc.pid)  # leftovers hold the pipes open: end them
+                grace = grace or time.monotonic() + 0.5
+                if time.monotonic() > grace: break  # something that left the group (setsid) holds them: the run is over
     while not _exited(proc):  # pipes closed (by the program itself?) but it still runs: wait, up to the deadline
         if time.monotonic() >= deadline: return out, err, True
         time.sleep(0.01)
@@ -220,13 +342,21 @@ def _nproc_limit():
     return 8 + sum(p.info["num_threads"] or 1 for p in psutil.process_iter(["uids", "num_threads"])
                    if p.info["uids"] and p.info["uids"].real == uid)
 
+_NOBODY = [0.0, 0]  # (when, how many): counted at most every 2 s, it costs milliseconds
+
+def _nobody_procs() -> int:
+    "How many processes user nobody (65534) runs: RLIMIT_NPROC counts them against the sandboxed program run as nobody."
+    if time.monotonic() - _NOBODY[0] > 2:
+        _NOBODY[:] = time.monotonic(), sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == 65534)
+    return _NOBODY[1]
+
 @cache
 def _child_source() -> str:
-    return inspect.getsource(_sandbox_main) + "\n_sandbox_main(__import__('sys').argv[1])\n"
+    return "\n".join(inspect.getsource(f) for f in (_enter_namespaces, _sandbox_main)) + "\n_sandbox_main(__import__('sys').argv[1])\n"
 
 # %% ../nbs/11_execution.ipynb #01c6c3fa
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 1024**2,
-                 max_output_bytes: int = 1_000_000, max_file_bytes: int = 64 * 1024**2) -> ExecutionResult:
+                 max_output_bytes: int = 1_000_000, max_file_bytes: int = 64 * 1024**2, isolate: bool = True) -> ExecutionResult:
     """Run the Python program `code` in a separate, limited process and report what happened.
 
     The child runs `python -I -B` in its own session, in a fresh temp dir (deleted afterwards), with a scrubbed
@@ -236,26 +366,33 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
     child disables fork/exec/subprocess, signals to other processes, sockets and rlimit changes, and refuses writes,
     deletes and renames outside the temp dir.
 
-    NOT a security boundary (use a container, VM or seccomp for that). It does not protect against: code that
-    undoes the Python-level guard (ctypes, re-importing C modules, `_io.FileIO`); reading any file the user can read
-    (the whole filesystem, `/proc/<parent>/environ` included); the network at the kernel level (no network
-    namespace); processes started via ctypes that leave the process group (`setsid`); RLIMIT_NPROC when running as
-    root (the kernel doesn't enforce it for root, and root can raise hard limits); filling the disk with many files
-    under the size limit; starving other processes of CPU during `timeout`; kernel or interpreter bugs."""
+    With `isolate` (the default) on Linux, the kernel holds the boundary: the child enters its own mount, network,
+    PID, IPC and UTS namespaces (a user namespace too when not root), sees the filesystem read-only but its temp dir,
+    has no network, runs as `nobody` when the parent is root (so RLIMIT_NPROC holds) or without capabilities in a
+    user namespace, and everything it starts dies with it. Where the kernel refuses namespaces (macOS, a locked-down
+    container) it falls back to the guard, which ctypes and friends get around. The result's `isolation` says which.
+    Never a full container: files the user can read stay readable, and there are no cgroups and no seccomp."""
     with tempfile.TemporaryDirectory(prefix="nanochat-exec-", ignore_cleanup_errors=True) as workdir:
         workdir = os.path.realpath(workdir)
         with open(os.path.join(workdir, "program.py"), "w") as f: f.write(code)
+        status, status_w = os.pipe()  # the child says there what isolates it, before the program runs
         cfg = dict(workdir=workdir, memory=max_memory_bytes, cpu=math.ceil(timeout) + 1, fsize=max_file_bytes,
-                   nofile=64, nproc=_nproc_limit())
+                   nofile=64, nproc=_nproc_limit(), namespaces=isolate and sys.platform == "linux", status_fd=status_w,
+                   nobody_procs=_nobody_procs() if isolate and os.geteuid() == 0 else 0)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         t0 = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _child_source(), json.dumps(cfg)], cwd=workdir, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                pass_fds=(status_w,))
+        os.close(status_w)
         try: out, err, timed_out = _communicate(proc, max_output_bytes, t0 + timeout)
         finally:  # on every path, also KeyboardInterrupt: nothing of the program outlives this call
             _killpg(proc.pid)
             proc.wait()
             proc.stdout.close(); proc.stderr.close()
+            os.set_blocking(status, False)
+            with suppress(OSError): isolation = os.read(status, 4096).decode(errors="replace")
+            os.close(status)
         duration = time.monotonic() - t0
     rc, stderr = proc.returncode, err.text()
     last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
@@ -269,4 +406,5 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
     else: error = f"exit code {rc}"
     return ExecutionResult(success=rc == 0 and not timed_out and not memory, stdout=out.text(), stderr=stderr,
                            error=error, timeout=timed_out, memory_exceeded=memory, returncode=rc,
-                           duration=round(duration, 3), truncated=out.truncated or err.truncated)
+                           duration=round(duration, 3), truncated=out.truncated or err.truncated,
+                           isolation=locals().get("isolation") or "unknown: the child died before it could say")

@@ -158,9 +158,12 @@ def _hms(s: float) -> str:
 # %% ../nbs/20_report.ipynb #040896e6
 @call_parse
 def main(command:str, # `reset` (start a new run) or `generate` (write report.md)
+         copy_to:str|None=None, # with generate: the folder that gets a copy of report.md and its plots ("": none; default: $NANOCHAT_REPORT_COPY, else the working directory)
         ):
     "Start a new report (reset) or assemble report.md from the stages' sections (generate)."
     report = get_report()
     if command == "reset": report.reset(); print(f"report reset: {report.dir}")
-    elif command == "generate": print(f"wrote {report.generate()} (and ./report.md)")
+    elif command == "generate":
+        copy_to = os.environ.get("NANOCHAT_REPORT_COPY", ".") if copy_to is None else copy_to
+        print(f"wrote {report.generate(copy_to=copy_to or None)}" + (f" and {Path(copy_to) / 'report.md'}" if copy_to else ""))
     else: raise CliError(f"unknown command {command!r}: use `reset` or `generate`")

@@ -18,7 +18,8 @@ from fastcore.script import CliError
 from .common import get_report, print0, autocast_ctx, compute_cleanup, get_dist_info, DummyWandb
 from .tokenizer import get_tokenizer
 from .checkpoint_manager import (checkpoint_dir, save_checkpoint, load_checkpoint, find_last_step, find_largest_model,
-                                         build_model, load_model, capture_rng_state, restore_rng_state)
+                                         build_model, load_model, capture_rng_state, restore_rng_state, list_steps,
+                                         verify_checkpoint, update_meta, CheckpointSaveError, CorruptCheckpointError)
 from .loss_eval import evaluate_bpb
 
 # %% ../nbs/07a_train_loop.ipynb #d928ae2a
@@ -140,7 +141,7 @@ class Trainer:
         _, self.rank, _, self.world_size = get_dist_info()
         self.step = self.start_step = 0
         self.history = dict(step=[], lrm=[])  # the curves a report plots
-        self.smooth_loss, self.train_time, self.epoch_progress, self.rng = 0.0, 0.0, 0.0, None
+        self.smooth_loss, self.train_time, self.epoch_progress, self.rng, self.pending_evals = 0.0, 0.0, 0.0, None, False
 
     def every(self, n: int, fn, at_start: bool = True):
         "Run `fn(trainer)` every `n` steps and at the end (see `due`); at step 0 too if `at_start`."
@@ -172,11 +173,15 @@ def fit(self: Trainer):
     if self.rng is not None: restore_rng_state(self.rng)  # last, so nothing in the set-up draws from the resumed RNG
     self.progress0 = self.progress
     while True:
-        last = self.last_step
-        if (self.step > self.start_step or self.start_step == 0) and not self.dry_run:  # a resumed step was handled before its save
-            for n, fn, at_start in self.evals:
-                if due(n, self.step, last, at_start): fn(self)
-            if self.ckpt_dir and self.step > 0 and due(self.save_every if self.save_every > 0 else -1, self.step, last): self.save()
+        last, resumed_here = self.last_step, self.step == self.start_step > 0
+        if not self.dry_run:
+            # save first: an evaluation that fails (a bad shard, a bug, out of memory) must not lose the training before it
+            saved = not resumed_here and self.ckpt_dir and self.step > 0 and due(self.save_every if self.save_every > 0 else -1, self.step, last)
+            if saved: self.save()
+            if not resumed_here or self.pending_evals:  # a resumed step was evaluated before it was saved, unless it died doing so
+                ran = [fn(self) for n, fn, at_start in self.evals if due(n, self.step, last, at_start)]
+                if ran and (saved or resumed_here) and self.rank == 0:
+                    update_meta(self.ckpt_dir, self.step, history=self.history, loop=self.loop_state(evaluated=True))
         if last or (self.dry_run and self.step > self.start_step): return self
         self.one_step()
 
@@ -248,14 +253,18 @@ def log(self: Trainer, out: dict, lrm: float, dt: float):
 @patch
 def save(self: Trainer):
     "Checkpoint this step: weights, every rank's optimizer state, the loop's state, the stage's extra state and the RNG."
-    save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), [opt.state_dict() for opt in self.optimizers],
-                    dict(self.meta, history=self.history, loop=self.loop_state()), rank=self.rank, world_size=self.world_size,
-                    extra_state=dict(self.extra_state(), rng=capture_rng_state()), keep=self.keep_checkpoints or None)
+    try:
+        save_checkpoint(self.ckpt_dir, self.step, self.model.state_dict(), [opt.state_dict() for opt in self.optimizers],
+                        dict(self.meta, history=self.history, loop=self.loop_state(evaluated=False)), rank=self.rank,
+                        world_size=self.world_size, extra_state=dict(self.extra_state(), rng=capture_rng_state()),
+                        keep=self.keep_checkpoints or None)
+    except CheckpointSaveError as e: raise CliError(str(e)) from None  # one line, not two chained tracebacks
     print0(f"step {self.step:05d} | saved checkpoint to {self.ckpt_dir}")
 
 @patch
-def loop_state(self: Trainer) -> dict:
-    return dict(smooth_loss=self.smooth_loss, train_time=self.train_time, epoch_progress=self.epoch_progress)
+def loop_state(self: Trainer, evaluated: bool = True) -> dict:
+    "What a checkpoint needs of the loop (`evaluated`: whether the step's evaluations are in the history yet)."
+    return dict(smooth_loss=self.smooth_loss, train_time=self.train_time, epoch_progress=self.epoch_progress, evaluated=evaluated)
 
 @patch
 def load_state(self: Trainer, step: int, meta: dict, optimizer_states: list, extra: dict):
@@ -264,7 +273,7 @@ def load_state(self: Trainer, step: int, meta: dict, optimizer_states: list, ext
     for opt, state in zip(self.optimizers, optimizer_states): opt.load_state_dict(state)
     self.history, loop = meta["history"], meta["loop"]
     self.smooth_loss, self.train_time, self.epoch_progress = loop["smooth_loss"], loop["train_time"], loop["epoch_progress"]
-    self.rng = extra["rng"]
+    self.rng, self.pending_evals = extra["rng"], not loop.get("evaluated", True)
 
 # %% ../nbs/07a_train_loop.ipynb #b76f2455
 @patch
@@ -283,7 +292,7 @@ def finish(self: Trainer, section: str, user_config: dict, cfg: dict, summary: d
 
 # %% ../nbs/07a_train_loop.ipynb #ead81102
 # flags that may differ between a run and its --resume: where it is saved and logged, how and how often it is evaluated
-RESUME_FREE = {"resume", "run", "model_tag", "device_type", "compile", "save_every", "keep_checkpoints", "dry_run"}
+RESUME_FREE = {"resume", "resume_step", "run", "model_tag", "device_type", "compile", "save_every", "keep_checkpoints", "dry_run"}
 
 def check_resume(saved: dict, now: dict):
     "Refuse to --resume with flags that change the training itself: the run would not continue exactly."
@@ -293,25 +302,32 @@ def check_resume(saved: dict, now: dict):
         raise CliError("--resume: the checkpoint was trained with other settings: " + ", ".join(
             f"--{k.replace('_', '-')}={a} (now {b})" for k, (a, b) in diff.items()) + ". Resume with the same flags, or drop --resume")
 
-def load_resume(ckpt_dir, device, user_config: dict, rank: int = 0):
-    "The last checkpoint of `ckpt_dir`, checked against the flags: (model_state, (step, meta, optimizer states, extra state))."
-    try: step = find_last_step(ckpt_dir)
+def load_resume(ckpt_dir, device, user_config: dict, rank: int = 0, step: int = -1):
+    """The checkpoint of `ckpt_dir` to resume (the last complete step, or `step`), its files verified and its flags checked:
+    (model_state, (step, meta, optimizer states, extra state)). A damaged file is named, with the step to fall back to."""
+    try: step = find_last_step(ckpt_dir) if step < 0 else step
     except FileNotFoundError as e: raise CliError(f"--resume: {e}; drop --resume to start a new run") from None
-    model_state, optim, meta, extra = load_checkpoint(ckpt_dir, step, device, load_optimizer=True, rank=rank)
+    try: model_state, optim, meta, extra = load_checkpoint(ckpt_dir, step, device, load_optimizer=True, rank=rank)
+    except FileNotFoundError as e: raise CliError(f"--resume: {e}") from None
+    except CorruptCheckpointError as e:  # never silently: fall back only when asked, with --resume-step
+        good = next((s for s in reversed(list_steps(ckpt_dir)) if s < step and not verify_checkpoint(ckpt_dir, s, rank)), None)
+        raise CliError(f"--resume: {e}. " + (f"Step {good} verifies: resume from it with --resume --resume-step={good}" if good
+                       else "No earlier step verifies: start a new run (or another --model-tag)")) from None
     check_resume(meta.get("user_config", {}), user_config)
     print0(f"resuming {ckpt_dir} from step {step}")
     return model_state, (step, meta, optim, extra)
 
 # %% ../nbs/07a_train_loop.ipynb #cab5958e
-def load_for_training(source: str, out_source: str, model_tag: str, step: int, device, resume: bool, user_config: dict):
+def load_for_training(source: str, out_source: str, model_tag: str, step: int, device, resume: bool, user_config: dict,
+                      resume_step: int = -1):
     """The model a fine-tuning stage trains: the `source` checkpoint (tag `model_tag` or the largest; `step`, or the
-    last if < 0); with `resume`, the last `out_source` checkpoint instead. Returns (model, tokenizer, tag, meta, resumed),
+    last if < 0); with `resume`, the last `out_source` checkpoint (or `resume_step`) instead. Returns (model, tokenizer, tag, meta, resumed),
     where `resumed` is None or what `Trainer.load_state` takes."""
     try:
         if resume:
             tag = model_tag or find_largest_model(out_source)
             ckpt = checkpoint_dir(out_source, tag)
-            _, resumed = load_resume(ckpt, device, user_config, get_dist_info()[1])
+            _, resumed = load_resume(ckpt, device, user_config, get_dist_info()[1], resume_step)
             model, meta = build_model(ckpt, resumed[0], device, "train")
             return model, get_tokenizer(), tag, meta, resumed
         tag = model_tag or find_largest_model(source)

@@ -78,5 +78,5 @@ Talk to your model:
   python -m nanochat.chat_cli -i sft -p "Why is the sky blue?"
   python -m nanochat.chat_web                             # ChatGPT-like web UI at http://127.0.0.1:8000
   jupyter lab nbs/19_chat_widget.ipynb                    # a chat widget in a notebook
-(models and data are under NANOCHAT_BASE_DIR=$NANOCHAT_BASE_DIR; the report card is ./report.md)
+(models and data are under NANOCHAT_BASE_DIR=$NANOCHAT_BASE_DIR; the report card is ${NANOCHAT_REPORT_COPY:-$ROOT}/report.md)
 MSG

@@ -17,6 +17,8 @@ use_mirror "$ROOT"
 # tests and lessons share one throw-away cache so they never touch ~/.cache/nanochat
 export NANOCHAT_BASE_DIR="${NANOCHAT_TEST_BASE_DIR:-$ROOT/.cache/test}"
 mkdir -p "$NANOCHAT_BASE_DIR"
+export NANOCHAT_REPORT_COPY="$NANOCHAT_BASE_DIR"  # report cards of test runs stay there: ./report.md is your run's
+export NANOCHAT_TOY_DIR="$NANOCHAT_BASE_DIR/toy"  # the toy fixtures (lesson 08b), built once and shared by lessons and tests
 t0=$SECONDS
 step() { echo; echo "== $* ($((SECONDS - t0))s)"; }
 

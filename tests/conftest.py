@@ -10,6 +10,12 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args): pass
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _report_copies_stay_out_of_the_repo(tmp_path_factory):
+    "Runs that generate a report card copy it to $NANOCHAT_REPORT_COPY: a test folder, never the user's ./report.md."
+    os.environ.setdefault("NANOCHAT_REPORT_COPY", str(tmp_path_factory.mktemp("report_copies")))
+
+
 @pytest.fixture(scope="session")
 def endpoint():
     "HF_ENDPOINT if the environment sets one, else the offline mirror served on loopback for the session."

@@ -5,12 +5,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def umask() -> int:
+    mask = os.umask(0); os.umask(mask)
+    return mask
+
+
 def test_runcpu_quick_end_to_end(endpoint, tmp_path):
     env = dict(os.environ, QUICK="1", WITH_RL="1", HF_ENDPOINT=endpoint, NANOCHAT_BASE_DIR=str(tmp_path / "base"),
                NANOCHAT_EVAL_BUNDLE_URL=f"{endpoint}/s3/karpathy-public/eval_bundle.zip", OMP_NUM_THREADS="2")
     if not os.environ.get("HF_ENDPOINT"): env["NANOCHAT_NUM_SHARDS"] = "4"
+    users = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in [ROOT / "report.md"] if p.exists()}  # a user's own run's card
     r = subprocess.run(["bash", str(ROOT / "scripts" / "runcpu.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert users == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in [ROOT / "report.md"] if p.exists()}, "the test run touched ./report.md"
+    copy = Path(os.environ["NANOCHAT_REPORT_COPY"])  # conftest.py points copies there
+    assert "## Summary" in (copy / "report.md").read_text() and (copy / "report_files" / "curves.png").exists()
+    assert oct((copy / "report.md").stat().st_mode & 0o777) == oct(0o666 & ~umask())  # atomic writes get the usual permissions
     report = (tmp_path / "base" / "report" / "report.md").read_text()
     summary = report[report.index("## Summary"):]
     for metric in ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]:
