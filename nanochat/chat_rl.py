@@ -141,6 +141,7 @@ def main(
     keep_checkpoints:int=0, # keep only the last N checkpoints (0: keep all)
     seed:int=42, # sampling seed (every step and question derive their own from it)
     resume:bool=False, # continue the last rl checkpoint of this model tag exactly (same flags, same number of ranks)
+    resume_step:int=-1, # with --resume: the step to continue from (-1: the last complete one)
     dry_run:bool=False, # build everything and take one step, but evaluate and save nothing
     device_type:str="", # cuda, cpu or mps (empty: autodetect)
     run:str="", # wandb run name (empty: no wandb)
@@ -156,7 +157,7 @@ def main(
     _, rank, _, world_size, device = compute_init(device_type)
 
     # ---- model and data: the sft checkpoint, or the last rl checkpoint with --resume; GSM8K's questions
-    model, tokenizer, tag, meta, resumed = load_for_training(source, "rl", model_tag, step, device, resume, user_config)
+    model, tokenizer, tag, meta, resumed = load_for_training(source, "rl", model_tag, step, device, resume, user_config, resume_step)
     train_task, test_task = GSM8K("main", "train", stop=max_examples if max_examples > 0 else None), GSM8K("main", "test")
     if examples_per_step % world_size:
         raise CliError(f"--examples-per-step={examples_per_step} must be a multiple of the number of ranks ({world_size})")

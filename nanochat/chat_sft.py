@@ -106,6 +106,7 @@ def main(
     save_every:int=-1, # checkpoint every N steps (and always at the end; -1: only at the end)
     keep_checkpoints:int=0, # keep only the last N checkpoints (0: keep all)
     resume:bool=False, # continue the last sft checkpoint of this model tag exactly (same flags, same number of ranks)
+    resume_step:int=-1, # with --resume: the step to continue from (-1: the last complete one)
     dry_run:bool=False, # build everything and take one step, but evaluate and save nothing
     device_type:str="", # cuda, cpu or mps (empty: autodetect)
     run:str="", # wandb run name (empty: no wandb)
@@ -117,7 +118,7 @@ def main(
     _, rank, _, world_size, device = compute_init(device_type)
 
     # ---- model and data: the mid (or base) checkpoint, or the last sft checkpoint with --resume
-    model, tokenizer, tag, meta, resumed = load_for_training(source, "sft", model_tag, step, device, resume, user_config)
+    model, tokenizer, tag, meta, resumed = load_for_training(source, "sft", model_tag, step, device, resume, user_config, resume_step)
     train_task, val_task = sft_mixture("train", max_examples), sft_mixture("val")
     cfg = meta["derived"] if resumed else sft_config(model, meta, tag, source, len(train_task), max_seq_len, device_batch_size,
                                                      target_examples_per_step, num_epochs, num_iterations, world_size)

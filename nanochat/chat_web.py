@@ -38,9 +38,10 @@ MAX_TOKENS = 4096           # the largest max_tokens accepted (the model's conte
 MAX_STOP = 4                # stop strings per request, as in OpenAI's API
 
 class TextPart(BaseModel):
-    "A part of a message's content: only text parts are supported."
+    """A part of a message's content: text (OpenAI's), or, in an assistant's earlier answer, a calculator call and its
+    output exactly as the model wrote and the engine forced them (`parts` in our answers: send them back unchanged)."""
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
+    type: Literal["text", "python", "python_output"]
     text: str
 
 class Message(BaseModel):
@@ -56,6 +57,14 @@ class Message(BaseModel):
         return content
 
     def text(self) -> str: return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def rendered(self) -> dict:
+        "The message for the tokenizer: an assistant's tool-call parts kept as parts, anything else as its text."
+        if self.role == "assistant" and not isinstance(self.content, str) and any(p.type != "text" for p in self.content):
+            return {"role": self.role, "content": [{"type": p.type, "text": p.text} for p in self.content]}
+        if self.role != "assistant" and not isinstance(self.content, str) and any(p.type != "text" for p in self.content):
+            raise ValueError("only an assistant's message can hold python parts")
+        return {"role": self.role, "content": self.text()}
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -94,7 +103,8 @@ class APIError(Exception):
 
 def render_prompt(req: ChatRequest, tokenizer) -> list[int]:
     "The prompt's token ids for `req.messages`, or a 400 that explains what is wrong with the conversation."
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try: messages = [m.rendered() for m in req.messages]
+    except ValueError as e: raise APIError(400, f"invalid conversation: {e}", "messages") from None
     if messages[-1]["role"] != "user":
         raise APIError(400, f"the last message must be from the user (got {messages[-1]['role']!r}): the model answers "
                             "the user's last message", "messages")
@@ -161,7 +171,8 @@ class Choice:
 
 def generate_choices(engine: Engine, tokens: list[int], emit, cancelled: threading.Event, n: int = 1, stop=(),
                      **sampling) -> int:
-    "Generate `n` answers to the prompt `tokens`, calling `emit` with ('text', i, piece) and ('finish', i, reason, tokens); returns the tokens generated."
+    """Generate `n` answers to the prompt `tokens`, calling `emit` with ('text', i, piece) and ('finish', i, reason, tokens,
+    content): `content` is the answer as the history should hold it (a string, or parts if it called the calculator)."""
     choices = [Choice(engine.tokenizer, stop) for _ in range(n)]
     steps = engine.generate(tokens, num_samples=n, **sampling)
     try:
@@ -170,7 +181,7 @@ def generate_choices(engine: Engine, tokens: list[int], emit, cancelled: threadi
             for i, (choice, token) in enumerate(zip(choices, column)):
                 if choice.finish_reason: continue
                 if text := choice.push(token): emit(("text", i, text))
-                if choice.finish_reason: emit(("finish", i, choice.finish_reason, choice.tokens))
+                if choice.finish_reason: emit(("finish", i, choice.finish_reason, choice.tokens, choice.reply.message()["content"]))
             if all(c.finish_reason for c in choices): break
     finally:
         steps.close()
@@ -178,7 +189,7 @@ def generate_choices(engine: Engine, tokens: list[int], emit, cancelled: threadi
         for i, choice in enumerate(choices):
             if choice.finish_reason: continue
             if text := choice.end("length"): emit(("text", i, text))
-            emit(("finish", i, choice.finish_reason, choice.tokens))
+            emit(("finish", i, choice.finish_reason, choice.tokens, choice.reply.message()["content"]))
     return sum(c.tokens for c in choices)
 
 # %% ../nbs/18_chat_web.ipynb #7663d59f
@@ -286,9 +297,11 @@ async def stream_chunks(gen: Generation, request: Request, head: dict, n: int, p
                 yield chunk([{"index": event[1], "delta": {"content": event[2]}, "logprobs": None, "finish_reason": None}])
             elif event[0] == "finish":
                 used += event[3]
-                yield chunk([{"index": event[1], "delta": {}, "logprobs": None, "finish_reason": event[2]}])
-            else:
+                parts = {"parts": event[4]} if not isinstance(event[4], str) else {}  # tool calls, for the next turn
+                yield chunk([{"index": event[1], "delta": parts, "logprobs": None, "finish_reason": event[2]}])
+            else:  # the answer is broken off: say why, and still end the stream as a stream ends
                 yield sse(error_body(event[1], 500))
+                yield sse("[DONE]")
                 return
             if await request.is_disconnected(): return
         if include_usage:
@@ -365,7 +378,7 @@ def create_app(engines: list[Engine], model_name: str = "nanochat", max_queue: i
     @app.exception_handler(Exception)
     async def _bug(request, e): return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", 500), 500)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index(): return HTMLResponse(ui)
 
     @app.get("/health")
@@ -374,9 +387,15 @@ def create_app(engines: list[Engine], model_name: str = "nanochat", max_queue: i
     @app.get("/stats")
     async def stats(): return pool.stats()
 
+    model_card = {"id": model_name, "object": "model", "created": started, "owned_by": "nanochat"}
+
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "nanochat"}]}
+    async def models(): return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")  # the openai client's models.retrieve
+    async def model(model_id: str):
+        if model_id != model_name: raise APIError(404, f"no model {model_id!r}: this server serves {model_name!r}", "model")
+        return model_card
 
     @app.post("/v1/chat/completions", responses=bad)
     async def chat_completions(req: ChatRequest, request: Request):
@@ -390,17 +409,18 @@ def create_app(engines: list[Engine], model_name: str = "nanochat", max_queue: i
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_chunks(gen, request, head, n, len(tokens), include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, finish, used = [""] * n, [None] * n, 0
+        texts, finish, contents, used = [""] * n, [None] * n, [""] * n, 0
         try:
             async for event in gen.events():
                 if event[0] == "text": texts[event[1]] += event[2]
-                elif event[0] == "finish": finish[event[1]] = event[2]; used += event[3]
+                elif event[0] == "finish": finish[event[1]] = event[2]; used += event[3]; contents[event[1]] = event[4]
                 else: raise APIError(500, event[1])
                 if await request.is_disconnected(): raise APIError(499, "the client went away")
         finally:
             gen.cancel()
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None, "finish_reason": finish[i]}
-                   for i in range(n)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i],  # parts: the tool calls, for the next turn
+                                            **({"parts": contents[i]} if not isinstance(contents[i], str) else {})},
+                    "logprobs": None, "finish_reason": finish[i]} for i in range(n)]
         usage = {"prompt_tokens": len(tokens), "completion_tokens": used, "total_tokens": len(tokens) + used}
         return {"id": head["id"], "object": "chat.completion", "created": head["created"], "model": head["model"],
                 "choices": choices, "usage": usage}
@@ -421,6 +441,7 @@ def main(num_gpus: int = 1,               # model replicas, one per GPU (CPU and
     "Serve a nanochat model: an OpenAI-compatible chat API at /v1 and a chat UI at /."
     import uvicorn
     if num_gpus < 1: raise CliError(f"--num-gpus must be >= 1, got {num_gpus}")
+    if not 0 <= port <= 65535: raise CliError(f"--port must be a TCP port, 0 to 65535 (0: any free one), got {port}")
     if max_queue < 0: raise CliError(f"--max-queue must be >= 0, got {max_queue}")
     if not 1 <= max_new_tokens <= MAX_TOKENS: raise CliError(f"--max-new-tokens must be in 1..{MAX_TOKENS}, got {max_new_tokens}")
     device = compute_init(device_type)[-1]

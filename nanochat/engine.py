@@ -13,17 +13,21 @@ from collections import deque
 import torch
 from .common import autocast_ctx
 from .gpt import KVCache
+from .tokenizer import SPECIAL_TOKENS
 from .execution import use_calculator
 
 # %% ../nbs/12_engine.ipynb #c3d72cc7
+_TINY = torch.finfo(torch.float32).tiny  # 1.2e-38
+
 def next_token_probs(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
     "The distribution `sample_next_token` draws from, per row of `logits` (B, V): softmax(logits / temperature), tail cut."
     if temperature < 0: raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1: raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1: raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if temperature < _TINY: temperature = 0  # below fp32's smallest normal number the division overflows: greedy, the limit
     if temperature == 0:  # greedy: all the mass on the argmax
         return torch.zeros_like(logits, dtype=torch.float).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    logits = logits.float() / temperature
+    logits = (logits.float() - logits.float().max(dim=-1, keepdim=True).values) / temperature  # <= 0: no overflow, even at 5e-324
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -32,6 +36,7 @@ def next_token_probs(logits, temperature: float = 1.0, top_k: int | None = None,
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens above it already reach top_p (so the most likely token always stays)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False  # the most likely token stays for any top_p, even one that rounds to 0 in fp32 (1e-300)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits.softmax(dim=-1)
 
@@ -39,7 +44,7 @@ def sample_next_token(logits, rng: torch.Generator, temperature: float = 1.0, to
                       top_p: float | None = None):
     "Sample one token per row of `logits` (B, V): (B, 1) ids. temperature 0 is greedy; top_k/top_p prune the tail first."
     probs = next_token_probs(logits, temperature, top_k, top_p)  # validates the arguments, also for greedy
-    if temperature == 0: return logits.argmax(dim=-1, keepdim=True)  # no draw: the rng is left untouched
+    if temperature < _TINY: return logits.argmax(dim=-1, keepdim=True)  # greedy: no draw, the rng is left untouched
     return torch.multinomial(probs, 1, generator=rng)
 
 # %% ../nbs/12_engine.ipynb #65f5d545
@@ -74,8 +79,12 @@ class Engine:
     "Batched, KV-cached sampling with calculator tool use for a `GPT` and its `Tokenizer`."
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
-        self.assistant_end = tokenizer.encode_special("<|assistant_end|>")
+        S = tokenizer.encode_special
+        self.assistant_start, self.assistant_end = S("<|assistant_start|>"), S("<|assistant_end|>")
         self.terminal = {self.assistant_end, tokenizer.get_bos_token_id()}
+        # in an assistant turn the model may write only these special tokens; <|output_*|> are the engine's to force
+        allowed = {S("<|python_start|>"), S("<|python_end|>"), self.assistant_end}
+        self.forbidden = torch.tensor(sorted({S(t) for t in SPECIAL_TOKENS} - allowed), dtype=torch.long)
 
     def _logits(self, ids, cache):
         "Next-token logits (B, V) in fp32 after feeding `ids` (B, T) through the model and `cache`."
@@ -106,7 +115,12 @@ class Engine:
         del prompt_cache
         logits = logits.expand(num_samples, -1)  # 3. each row draws its own first token from the same logits
         rows = [RowState(self.tokenizer, stop) for _ in range(num_samples)]
+        forbidden = self.forbidden.to(device) if tokens[-1] == self.assistant_start else None  # a chat reply, not a completion
         for step in range(max_tokens):
+            if forbidden is not None:  # every sampling mode, greedy too
+                logits = logits.index_fill(-1, forbidden, float("-inf"))
+                stuck = torch.isinf(logits).all(dim=-1)  # a model that wanted only forbidden tokens: it ends its turn
+                if stuck.any(): logits[stuck, self.assistant_end] = 0.0
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()
             column, masks = [], []
             for row, s in zip(rows, sampled):

@@ -122,6 +122,7 @@ def main(
     save_every:int=-1, # checkpoint every N steps (and always at the end; -1: only at the end)
     keep_checkpoints:int=0, # keep only the last N checkpoints (0: keep all)
     resume:bool=False, # continue the last mid checkpoint of this model tag exactly (same flags, same number of ranks)
+    resume_step:int=-1, # with --resume: the step to continue from (-1: the last complete one)
     dry_run:bool=False, # build everything and take one step, but evaluate and save nothing
     device_type:str="", # cuda, cpu or mps (empty: autodetect)
     compile:bool_arg=None, # torch.compile the model (default: true on CUDA, false elsewhere)
@@ -133,7 +134,7 @@ def main(
     _, rank, _, world_size, device = compute_init(device_type)
 
     # ---- model: the base checkpoint (or the last mid checkpoint with --resume); batch geometry from the base run
-    model, tokenizer, tag, meta, resumed = load_for_training("base", "mid", model_tag, step, device, resume, user_config)
+    model, tokenizer, tag, meta, resumed = load_for_training("base", "mid", model_tag, step, device, resume, user_config, resume_step)
     cfg = meta["derived"] if resumed else mid_config(model, meta, tag, max_seq_len, device_batch_size, total_batch_size, world_size)
     T, B, A = cfg["max_seq_len"], cfg["device_batch_size"], cfg["grad_accum_steps"]
     print0(format_config({k: v for k, v in cfg.items() if k != "source"}))

@@ -71,12 +71,13 @@ stage "report card"
 python -m nanochat.report generate
 
 stage "done in $((SECONDS - t0))s"
+lab="jupyter lab nbs/"; [ "$(id -u)" = 0 ] && lab="$lab --allow-root"  # jupyter refuses to run as root without it
 cat <<MSG
 Talk to your model:
   source .venv/bin/activate
   python -m nanochat.chat_cli -i sft                      # chat in the terminal
   python -m nanochat.chat_cli -i sft -p "Why is the sky blue?"
   python -m nanochat.chat_web                             # ChatGPT-like web UI at http://127.0.0.1:8000
-  jupyter lab nbs/19_chat_widget.ipynb                    # a chat widget in a notebook
+  $(printf '%-56s' "$lab")# the course in JupyterLab (lesson 19: a chat widget)
 (models and data are under NANOCHAT_BASE_DIR=$NANOCHAT_BASE_DIR; the report card is ${NANOCHAT_REPORT_COPY:-$ROOT}/report.md)
 MSG

@@ -409,3 +409,78 @@ def test_full_queue_gets_503(base, tmp_path):
         assert _post(srv, {"messages": USER, "max_tokens": 5}).status_code == 200  # and served again once free
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- faults: numbers, streams, tool calls, routes, flags
+
+@pytest.mark.parametrize("params", [dict(temperature=1e-38), dict(temperature=5e-324), dict(top_p=1e-300), dict(top_p=5e-324),
+                                    dict(temperature=5e-324, top_p=5e-324)])
+def test_extreme_valid_sampling_values_answer(server, client, params):
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, **params)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    texts, finish, _, chunks = streamed(client, messages=USER, max_tokens=4, **params)
+    assert finish[0] in ("stop", "length")
+
+
+def test_a_streamed_error_still_ends_the_stream(base, tmp_path):
+    "A generation that fails mid-answer: an error event, then [DONE], as every stream ends."
+    from nanochat.chat_web import stream_chunks
+    class Failing:
+        async def events(self):
+            yield ("text", 0, "partial")
+            yield ("error", "generation failed: boom")
+        def cancel(self): pass
+    class Req:
+        async def is_disconnected(self): return False
+    async def collect():
+        return [c async for c in stream_chunks(Failing(), Req(), dict(id="x", created=0, model="m"), 1, 3, False)]
+    import asyncio
+    out = asyncio.run(collect())
+    assert '"error"' in out[-2] and out[-1] == "data: [DONE]\n\n", out
+
+
+def test_tool_calls_round_trip_through_the_api(server, base):
+    """An answer with a calculator call comes back with `parts`; sent back in the next turn they render exactly as the
+    engine generated them (not as the display text `[calc: ...] -> ...`)."""
+    from nanochat.chat_web import ChatRequest, render_prompt
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.from_directory(base / "tokenizer")
+    parts = [{"type": "text", "text": "It is "}, {"type": "python", "text": "6*7"}, {"type": "python_output", "text": "42"},
+             {"type": "text", "text": "."}]
+    convo = [{"role": "user", "content": "6*7?"}, {"role": "assistant", "content": parts}, {"role": "user", "content": "and 2*3?"}]
+    tokens = render_prompt(ChatRequest(messages=convo), tok)
+    assert tokens == tok.render_for_completion(convo)  # exactly the tokens the model generated, tool tokens included
+    S = tok.encode_special
+    assert S("<|python_start|>") in tokens and S("<|output_start|>") in tokens
+    display = [{"role": "assistant", "content": "It is [calc: 6*7] → 42."}]
+    assert S("<|python_start|>") not in render_prompt(ChatRequest(messages=convo[:1] + display + convo[2:]), tok)
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=dict(messages=[{"role": "user", "content": [
+        {"type": "python", "text": "1+1"}]}]), timeout=30)
+    assert r.status_code == 400 and "only an assistant" in r.json()["error"]["message"]
+
+
+def test_widget_history_keeps_tool_calls(base):
+    "The chat session behind the widget and the CLI keeps an answer's tool call as parts."
+    from nanochat.engine import Reply
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.from_directory(base / "tokenizer")
+    S = tok.encode_special
+    reply = Reply(tok)
+    for t in [*tok.encode("It is "), S("<|python_start|>"), *tok.encode("6*7"), S("<|python_end|>"), S("<|output_start|>"),
+              *tok.encode("42"), S("<|output_end|>"), S("<|assistant_end|>")]: reply.push(t)
+    assert [p["type"] for p in reply.message()["content"]] == ["text", "python", "python_output"]
+
+
+def test_model_retrieve_and_head(server, client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    missing = httpx.get(f"{server.url}/v1/models/gpt-4", timeout=5)
+    assert missing.status_code == 404 and "gpt-4" in missing.json()["error"]["message"]
+    assert httpx.head(f"{server.url}/", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_bad_port_is_one_line(base, port):
+    r = subprocess.run([sys.executable, "-m", "nanochat.chat_web", "--port", port, "--device-type", "cpu"],
+                       env=dict(os.environ, NANOCHAT_BASE_DIR=str(base)), capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--port must be a TCP port" in r.stderr

@@ -266,10 +266,13 @@ def test_stop_tokens_and_max_tokens(tok):
     for first, s, m in zip(firsts, seqs, masks):
         want = {a: [a], b: [b], c: [c] * 7}[first]  # the stop token itself is not in the sequence
         assert s == p + want and m == [0, 0] + [1] * len(want)
-    # when every row is done, generation ends before max_tokens
-    for first, last in [(a, end), (b, bos)]:
+    # when every row is done, generation ends before max_tokens; in a chat reply <|bos|> may not be written, so a model
+    # that wants only <|bos|> ends its turn instead; a completion (no chat prompt) stops at <|bos|>
+    for first, last in [(a, end), (b, end)]:
         eng = Engine(Scripted(random_gpt(tok.get_vocab_size()), {S(tok, "assistant_start"): [first], a: [end], b: [bos]}, c), tok)
         assert columns(eng, p, num_samples=3, max_tokens=50) == [([first] * 3, [1] * 3), ([last] * 3, [1] * 3)]
+    eng = Engine(Scripted(random_gpt(tok.get_vocab_size()), {bos: [b], b: [bos]}, c), tok)
+    assert columns(eng, [bos], num_samples=3, max_tokens=50) == [([b] * 3, [1] * 3), ([bos] * 3, [1] * 3)]
 
 
 def test_stop_sequences(tok):
@@ -339,3 +342,38 @@ def test_stream_decoder_flush_incomplete(tok):
     ids = tok.encode("👋")
     assert [sd.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
     assert sd.flush() == "\ufffd"  # a cut-off character becomes one replacement character, like decode()
+
+
+# ---------------------------------------------------------------- what an assistant may write
+
+def test_chat_replies_never_contain_control_tokens(tok):
+    """A model whose logits favour every special token: in an assistant turn (the prompt ends with <|assistant_start|>)
+    it can only write <|python_start|>, <|python_end|> and <|assistant_end|>, in every sampling mode; a completion
+    (no chat prompt) is unaffected."""
+    model = random_gpt(tok.get_vocab_size(), seed=3)
+    sp = specials(tok)
+    class Loves(nn.Module):  # the real model's logits, plus a large bonus for every special token except <|assistant_end|>
+        def __init__(self, m): super().__init__(); self.model, self.config = m, m.config
+        def get_device(self): return self.model.get_device()
+        def forward(self, idx, kv_cache=None):
+            logits = self.model(idx, kv_cache=kv_cache).clone()
+            logits[..., [s for s in sp if s != S(tok, "assistant_end")]] += 100.0
+            return logits
+    eng = Engine(Loves(model), tok)
+    allowed = {S(tok, "python_start"), S(tok, "python_end"), S(tok, "assistant_end")}
+    chat = tok.render_for_completion([{"role": "user", "content": "hi"}])
+    for kw in [dict(temperature=0), dict(temperature=1.0), dict(temperature=1.0, top_k=5), dict(temperature=0.7, top_p=0.9)]:
+        out = [t for col, masks in eng.generate(chat, num_samples=4, max_tokens=40, seed=1, **kw)
+               for t, m in zip(col, masks) if m == 1]
+        assert out and {t for t in out if t in sp} <= allowed, (kw, [tok.id_to_token(t) for t in out if t in sp])
+    completion = [t for col, _ in eng.generate(tok.encode("The engine", prepend="<|bos|>"), max_tokens=5, temperature=0) for t in col]
+    assert completion[0] in set(sp) - allowed  # without the chat prompt, the model says what it likes
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-38, None), (5e-324, None), (1e-300, None), (1.0, 1e-300),
+                                                (1.0, 5e-324), (5e-324, 5e-324)])
+def test_sampling_is_safe_for_every_accepted_value(temperature, top_p):
+    "Tiny temperatures are greedy in the limit; a tiny top_p keeps the most likely token. No NaN, no error."
+    logits = torch.tensor([[1.0, 3.0, 2.0, -4.0], [0.0, 0.0, 9.0, 1.0]])
+    got = sample_next_token(logits, torch.Generator().manual_seed(0), temperature, top_p=top_p)
+    assert got[:, 0].tolist() == [1, 2]
