@@ -11,7 +11,7 @@ __all__ = ['SAMPLE_PROMPTS', 'derive_config', 'lr_multiplier', 'muon_momentum', 
 import time
 import torch
 from fastcore.script import CliError, bool_arg
-from .common import call_parse, compute_init, get_dist_info, print0, autodetect_device_type, autocast_ctx, get_peak_flops, get_wandb
+from .common import call_parse, compute_init, get_dist_info, print0, autodetect_device_type, autocast_ctx, get_peak_flops, describe_peak, get_wandb
 from .tokenizer import get_tokenizer, get_token_bytes
 from .gpt import GPT, GPTConfig
 from .optim import setup_optimizers, adamw_lr_scale
@@ -141,6 +141,7 @@ def main(
         try: get_eval_bundle()
         except (DownloadError, ValueError) as e: raise CliError(f"CORE needs the eval bundle: {e} (or --core-metric-every=0)") from None
     print0(format_config(cfg))
+    print0(describe_peak(device))
 
     # ---- model: shapes on the meta device, then real storage and an explicit init (or the checkpoint's weights)
     with torch.device("meta"): model = GPT(GPTConfig.from_depth(depth, vocab_size=cfg["vocab_size"], sequence_len=T))

@@ -11,7 +11,7 @@ __all__ = ['mid_mixture', 'conversation_loader', 'progress_lr_multiplier', 'inhe
 import time
 import torch
 from fastcore.script import CliError, bool_arg
-from .common import call_parse, compute_init, print0, autodetect_device_type, get_peak_flops, get_wandb
+from .common import call_parse, compute_init, print0, autodetect_device_type, get_peak_flops, describe_peak, get_wandb
 from .tokenizer import get_token_bytes
 from .dataloader import BestFitPacker
 from .optim import setup_optimizers
@@ -138,6 +138,7 @@ def main(
     cfg = meta["derived"] if resumed else mid_config(model, meta, tag, max_seq_len, device_batch_size, total_batch_size, world_size)
     T, B, A = cfg["max_seq_len"], cfg["device_batch_size"], cfg["grad_accum_steps"]
     print0(format_config({k: v for k, v in cfg.items() if k != "source"}))
+    print0(describe_peak(device))
     optimizers = scale_lrs(setup_optimizers(model, unembedding_lr, embedding_lr, matrix_lr, weight_decay), init_lr_frac)
     fwd = torch.compile(model, dynamic=False) if (device_type == "cuda" if compile is None else compile) else model
 

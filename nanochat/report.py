@@ -20,7 +20,7 @@ from .common import call_parse, atomic_path, atomic_write_text, Report, get_repo
 SECTION_ORDER = ["header", "tokenizer-training", "tokenizer-evaluation", "base-model-training",
                  "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft", "chat-evaluation-sft",
                  "chat-rl", "chat-evaluation-rl"]
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "SpellingBee"]  # ChatCORE: the five before it
 SUMMARY_STAGES = {"BASE": "base-model-evaluation", "MID": "chat-evaluation-mid", "SFT": "chat-evaluation-sft",
                   "RL": "chat-evaluation-rl"}
 
@@ -109,7 +109,7 @@ def plots(self: Report) -> list:
             ax.set(title=title, xlabel="step"); ax.legend(fontsize=7); ax.grid(alpha=0.3)
         fig.tight_layout(); out.append(("Training curves", self.save_plot(fig, "curves.png")))
     stages = {c: m for c, s in SUMMARY_STAGES.items() if c != "BASE" and (m := self.metrics(s))}
-    tasks = [t for t in SUMMARY_METRICS[1:-1] if any(t in m for m in stages.values())]
+    tasks = [t for t in SUMMARY_METRICS if t not in ("CORE", "ChatCORE") and any(t in m for m in stages.values())]
     if tasks:
         fig, ax = plt.subplots(figsize=(8, 3.5), dpi=80)
         w = 0.8 / max(1, len(stages))

@@ -237,9 +237,12 @@ def log(self: Trainer, out: dict, lrm: float, dt: float):
     tok_per_sec = tokens / dt
     fields = [f"{k.replace('_', ' ')}: {v if isinstance(v, str) else f'{v:.4f}'}" for k, v in shown.items()]
     fields += [f"lrm: {lrm:.3f}", f"dt: {dt * 1000:.1f}ms", f"tok/sec: {tok_per_sec:,.0f}"]
-    if self.flops_per_token and self.peak_flops:
-        mfu = 100 * self.flops_per_token * tok_per_sec / (self.peak_flops * self.world_size)
-        fields.append(f"mfu: {mfu:.2f}")
+    if self.flops_per_token and self.peak_flops and self.peak_flops < float("inf"):
+        achieved = self.flops_per_token * tok_per_sec / self.world_size
+        if achieved > self.peak_flops:  # a measured peak (a CPU's) was too low: training just proved the device does more
+            print0(f"note: this step ran at {achieved / 1e9:.1f} GFLOP/s, above the peak MFU was measured against; it is the peak now")
+            self.peak_flops = achieved
+        fields.append(f"mfu: {100 * achieved / self.peak_flops:.2f}")
     times = self.times[self.timing_warmup:] or self.times
     if self.num_iterations > 0: eta = (self.num_iterations - self.step) * sum(times) / len(times)
     else: eta = sum(self.times) * (1 - self.progress) / max(self.progress - self.progress0, 1e-9)

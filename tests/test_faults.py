@@ -156,8 +156,9 @@ ls -a {small}/base/base_checkpoints/d4 > {tmp_path}/left 2>/dev/null || true
 
 @pytest.mark.parametrize("flags, expect", [(["--device-type=tpu"], "--device-type must be cuda, mps or cpu"),
                                            (["--model-tag=../../x"], "not a plain folder name"),
-                                           (["--model-tag=/tmp/x"], "not a plain folder name")])
-def test_bad_flags_are_one_line(env, flags, expect):
-    line = one_line_error(train(env, "--num-iterations=2", *flags, ok=False))
+                                           (["--model-tag=OUTSIDE"], "not a plain folder name")])
+def test_bad_flags_are_one_line(env, tmp_path, flags, expect):
+    outside = tmp_path / "outside"  # an absolute tag: checkpoints would land there
+    line = one_line_error(train(env, "--num-iterations=2", *[f.replace("OUTSIDE", str(outside)) for f in flags], ok=False))
     assert expect in line, line
-    assert not (Path(env["NANOCHAT_BASE_DIR"]).parent / "x").exists() and not Path("/tmp/x/meta_000002.json").exists()
+    assert not (Path(env["NANOCHAT_BASE_DIR"]).parent / "x").exists() and not outside.exists()
