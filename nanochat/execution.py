@@ -8,7 +8,7 @@ Docs: https://nanochat-course.github.io/nanochat/execution.html.md"""
 __all__ = ['MAX_EXPR_CHARS', 'MAX_INT_BITS', 'use_calculator', 'ExecutionResult', 'execute_code']
 
 # %% ../nbs/11_execution.ipynb #9b517d92
-import ast, inspect, json, math, operator, os, re, selectors, signal, subprocess, sys, tempfile, time
+import ast, inspect, json, math, operator, os, re, selectors, signal, subprocess, sys, tempfile, threading, time
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import cache
@@ -88,7 +88,7 @@ class _Capture:
         return (bytes(self.head) + mid + self.tail).decode("utf-8", "replace")
 
 # %% ../nbs/11_execution.ipynb #3f2868b5
-def _enter_namespaces(work: str, userns: bool = False, nobody_procs: int = 0) -> dict:
+def _enter_namespaces(work: str, userns: bool = False, nobody_procs: int = 0, report_fd: int | None = None) -> dict:
     """In the child, first of all: new mount, network, PID, IPC and UTS namespaces (and a user namespace unless we are
     root), the whole filesystem read-only but `work`, then a fork. This process waits and exits as its child did; the
     program (PID 2 of the new PID namespace, under an init that takes everything with it when the program ends) sees a
@@ -158,12 +158,15 @@ def _enter_namespaces(work: str, userns: bool = False, nobody_procs: int = 0) ->
     status_r, status_w = os.pipe()
     init = os.fork()
     if init:
-        os.closerange(0, status_r); os.closerange(status_r + 1, 1 << 16)  # the program's pipes are the program's
+        keep = sorted({status_r, report_fd} - {None})
+        for lo, hi in zip([0] + [k + 1 for k in keep], keep + [1 << 16]): os.closerange(lo, hi)  # the program's pipes are its own
+        got = os.read(status_r, 32)  # the program's wait status, as soon as the init has it (EOF: the init itself died)
+        if got and report_fd is not None:  # tell the parent now: the namespaces' teardown takes the kernel ~10 ms more
+            os.write(report_fd, b"\nexit " + got); os.close(report_fd)
         while True:
             try: _, status = os.waitpid(init, 0); break
             except InterruptedError: pass
-        got = os.read(status_r, 32)
-        status = int(got) if got else status  # no word from the init: it died itself (killed from outside)
+        status = int(got) if got else status
         if os.WIFSIGNALED(status):  # die the same way, so the parent sees the program's signal
             import resource
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -207,7 +210,7 @@ def _sandbox_main(config: str):
     isolation = "guards only (namespaces turned off)"
     if cfg["namespaces"]:
         try:
-            got = _enter_namespaces(work, cfg.get("userns", False), cfg["nobody_procs"])
+            got = _enter_namespaces(work, cfg.get("userns", False), cfg["nobody_procs"], cfg["status_fd"])
             isolation, nproc = got["isolation"], got["nproc"] or nproc
         except OSError as e: isolation = f"guards only: the kernel refused namespaces ({e.strerror or e})"
     os.write(cfg["status_fd"], isolation.encode()); os.close(cfg["status_fd"])  # the parent reports it
@@ -313,15 +316,17 @@ def _exited(proc) -> bool:
     if not hasattr(os, "waitid"): return proc.poll() is not None  # macOS has no waitid
     return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
-def _communicate(proc, cap, deadline):
-    "Read both pipes into bounded captures until they close or `deadline`; returns (out, err, timed_out)."
-    out, err, grace = _Capture(cap), _Capture(cap), None
+def _communicate(proc, cap, deadline, status_fd=None):
+    """Read both pipes (and the child's status pipe) into bounded captures until they close or `deadline`; returns
+    (out, err, timed_out, status text). With the program's exit in the status, the child's own exit is not waited for."""
+    out, err, status, grace = _Capture(cap), _Capture(cap), _Capture(4096), None
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ, out)
         sel.register(proc.stderr, selectors.EVENT_READ, err)
+        if status_fd is not None: sel.register(status_fd, selectors.EVENT_READ, status)
         while sel.get_map():
             left = deadline - time.monotonic()
-            if left <= 0: return out, err, True
+            if left <= 0: return out, err, True, status.text()
             for key, _ in sel.select(timeout=min(left, 0.1)):
                 chunk = os.read(key.fd, 1 << 16)
                 if chunk: key.data.add(chunk)
@@ -330,10 +335,11 @@ def _communicate(proc, cap, deadline):
                 _killpg(proc.pid)  # leftovers hold the pipes open: end them
                 grace = grace or time.monotonic() + 0.5
                 if time.monotonic() > grace: break  # something that left the group (setsid) holds them: the run is over
+    if "\nexit " in status.text(): return out, err, False, status.text()  # the namespaces' waiter said how it ended
     while not _exited(proc):  # pipes closed (by the program itself?) but it still runs: wait, up to the deadline
-        if time.monotonic() >= deadline: return out, err, True
+        if time.monotonic() >= deadline: return out, err, True, status.text()
         time.sleep(0.01)
-    return out, err, False
+    return out, err, False, status.text()
 
 def _nproc_limit():
     "RLIMIT_NPROC for the child: what this user runs now (processes and threads) + 8; None for root (not enforced)."
@@ -385,16 +391,18 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                 pass_fds=(status_w,))
         os.close(status_w)
-        try: out, err, timed_out = _communicate(proc, max_output_bytes, t0 + timeout)
+        said = ""
+        try: out, err, timed_out, said = _communicate(proc, max_output_bytes, t0 + timeout, status)
         finally:  # on every path, also KeyboardInterrupt: nothing of the program outlives this call
             _killpg(proc.pid)
-            proc.wait()
-            proc.stdout.close(); proc.stderr.close()
-            os.set_blocking(status, False)
-            with suppress(OSError): isolation = os.read(status, 4096).decode(errors="replace")
-            os.close(status)
+            ended = "\nexit " in said
+            if ended: threading.Thread(target=proc.wait, daemon=True).start()  # the kernel is still tearing namespaces down
+            else: proc.wait()
+            proc.stdout.close(); proc.stderr.close(); os.close(status)
         duration = time.monotonic() - t0
-    rc, stderr = proc.returncode, err.text()
+    isolation = said.split("\nexit ")[0]
+    rc = os.waitstatus_to_exitcode(int(said.rsplit("\nexit ", 1)[1])) if ended else proc.returncode
+    stderr = err.text()
     last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     timed_out = timed_out or rc == -signal.SIGXCPU
     memory = not timed_out and rc != 0 and (last.startswith("MemoryError") or rc == -signal.SIGKILL)
@@ -407,4 +415,4 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
     return ExecutionResult(success=rc == 0 and not timed_out and not memory, stdout=out.text(), stderr=stderr,
                            error=error, timeout=timed_out, memory_exceeded=memory, returncode=rc,
                            duration=round(duration, 3), truncated=out.truncated or err.truncated,
-                           isolation=locals().get("isolation") or "unknown: the child died before it could say")
+                           isolation=isolation or "unknown: the child died before it could say")
