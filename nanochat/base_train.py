@@ -94,6 +94,7 @@ def main(
     num_iterations:int=-1, # horizon in optimizer steps (overrides --target-flops and --target-param-data-ratio)
     target_flops:float=-1.0, # horizon from a compute budget in FLOPs (overrides the ratio)
     target_param_data_ratio:float=20, # horizon: this many training tokens per parameter (Chinchilla: 20)
+    time_budget:float=0.0, # horizon from minutes of training: the steps they buy at the measured step time (0: off)
     embedding_lr:float=0.2, # AdamW lr of the token embedding, before the (model_dim/768)^-0.5 scaling
     unembedding_lr:float=0.004, # AdamW lr of the lm_head, before the same scaling
     matrix_lr:float=0.02, # Muon lr of the hidden matrices
@@ -130,6 +131,10 @@ def main(
                             target_param_data_ratio, num_iterations, target_flops, embedding_lr, unembedding_lr, matrix_lr)
     except ValueError as e: raise CliError(str(e)) from None
     A, B, T, N = cfg["grad_accum_steps"], device_batch_size, max_seq_len, cfg["num_iterations"]
+    if time_budget < 0 or (time_budget and (num_iterations > 0 or warmup_ratio > 0)):
+        raise CliError("--time-budget takes minutes > 0, and sets the horizon itself: drop --num-iterations (and --warmup-ratio, "
+                       f"whose length would depend on it); got --time-budget={time_budget}")
+    if time_budget: cfg["horizon"] = f"--time-budget={time_budget:g} min: fixed after the warm-up (num_iterations: a first guess)"
     try: check_shards("train"), check_shards("val")  # every shard the run reads, now rather than at its first evaluation
     except (FileNotFoundError, ValueError) as e: raise CliError(str(e)) from None
 
@@ -163,11 +168,11 @@ def main(
 
     # ---- the loop
     trainer = Trainer(model, optimizers, lambda step: dict(loss=lm_step(fwd, streams, A, world_size, device_type), tokens=B * T * A * world_size),
-                      N, lr_schedule=lambda t: lr_multiplier(t.step, N, warmup_ratio, warmdown_ratio, final_lr_frac),
+                      N, lr_schedule=lambda t: lr_multiplier(t.step, t.num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac),
                       momentum=muon_momentum, grad_clip=grad_clip, ckpt_dir=ckpt_dir, meta=dict(user_config=user_config, derived=cfg),
                       extra_state=streams.state_dict, save_every=save_every, keep_checkpoints=keep_checkpoints,
                       flops_per_token=cfg["flops_per_token"], peak_flops=get_peak_flops(device), dry_run=dry_run,
-                      wandb_run=get_wandb(run, "nanochat", user_config | cfg, rank == 0))
+                      wandb_run=get_wandb(run, "nanochat", user_config | cfg, rank == 0), time_budget=60 * time_budget)
     if resumed: trainer.load_state(*resumed)
     trainer.every(eval_every, bpb_eval(fwd, val_batches, max(1, eval_tokens // (B * T * world_size)), get_token_bytes(device), device_type))
     trainer.every(core_metric_every, evaluation("core", model, lambda: dict(core_metric=evaluate_core(
@@ -176,7 +181,7 @@ def main(
     h = trainer.fit().history
 
     # ---- summary (returned to Python callers; the report card records it)
-    tokens = N * cfg["total_batch_size"]
+    tokens = trainer.step * cfg["total_batch_size"]
     summary = dict(val_bpb=h["val_bpb"][-1] if h.get("val_bpb") else None, min_val_bpb=min(h.get("val_bpb", []), default=None),
                    tokens=tokens, params=cfg["params"], flops=cfg["flops_per_token"] * tokens,
                    core_metric=h["core_metric"][-1] if h.get("core_metric") else None,

@@ -108,6 +108,7 @@ def main(
     device_batch_size:int=-1, # rows per forward/backward on each device (-1: as the base model was trained)
     total_batch_size:int=-1, # tokens per optimizer step over all ranks (-1: as the base model was trained)
     num_iterations:int=-1, # optimizer steps (-1: one epoch over the mixture)
+    time_budget:float=0.0, # or minutes of training: the steps they buy at the measured step time, at most one epoch (0: off)
     max_examples:int=-1, # train on only the first N conversations of the shuffled mixture (-1: all)
     embedding_lr:float=0.2, # AdamW lr of the token embedding, before the (model_dim/768)^-0.5 scaling
     unembedding_lr:float=0.004, # AdamW lr of the lm_head, before the same scaling
@@ -130,6 +131,8 @@ def main(
 ):
     "Midtrain a base model on a mixture of conversations; checkpoints go to $NANOCHAT_BASE_DIR/mid_checkpoints."
     user_config, t_start = dict(locals()), time.time()  # the flags as given: saved in every checkpoint, compared on --resume
+    if time_budget < 0 or (time_budget and num_iterations > 0):
+        raise CliError(f"--time-budget takes minutes > 0 and sets the horizon itself: drop --num-iterations; got {time_budget}")
     device_type = device_type or autodetect_device_type()
     _, rank, _, world_size, device = compute_init(device_type)
 
@@ -160,7 +163,8 @@ def main(
                       momentum=muon_momentum, grad_clip=grad_clip, ckpt_dir=checkpoint_dir("mid", tag),
                       meta=dict(user_config=user_config, derived=cfg), extra_state=streams.state_dict, save_every=save_every,
                       keep_checkpoints=keep_checkpoints, flops_per_token=cfg["flops_per_token"], peak_flops=get_peak_flops(device),
-                      dry_run=dry_run, wandb_run=get_wandb(run, "nanochat-mid", user_config | cfg, rank == 0))
+                      dry_run=dry_run, wandb_run=get_wandb(run, "nanochat-mid", user_config | cfg, rank == 0),
+                      time_budget=60 * time_budget)
     if resumed: trainer.load_state(*resumed)
     val_batches = lambda: conversation_loader(val_task, tokenizer, B, T, device, rank, world_size)
     trainer.every(eval_every, bpb_eval(fwd, val_batches, max(1, eval_tokens // (B * T * world_size)), get_token_bytes(device), device_type))

@@ -130,7 +130,7 @@ class Trainer:
     def __init__(self, model, optimizers, train_step, num_iterations: int = -1, *, lr_schedule=None, momentum=None,
                  grad_clip: float = 1.0, ckpt_dir=None, meta: dict | None = None, extra_state=None, save_every: int = -1,
                  keep_checkpoints: int = 0, flops_per_token: float | None = None, peak_flops: float | None = None,
-                 timing_warmup: int = 10, dry_run: bool = False, wandb_run=None):
+                 timing_warmup: int = 10, dry_run: bool = False, wandb_run=None, time_budget: float = 0):
         self.model, self.optimizers, self.train_step, self.num_iterations = model, optimizers, train_step, num_iterations
         self.lr_schedule, self.momentum, self.grad_clip = lr_schedule or (lambda t: 1.0), momentum, grad_clip
         config = getattr(model, "config", None)  # a GPT's, so that a checkpoint can rebuild it
@@ -142,6 +142,7 @@ class Trainer:
         self.step = self.start_step = 0
         self.history = dict(step=[], lrm=[])  # the curves a report plots
         self.smooth_loss, self.train_time, self.epoch_progress, self.rng, self.pending_evals = 0.0, 0.0, 0.0, None, False
+        self.time_budget, self.horizon_fixed = time_budget, not time_budget  # seconds of steps; the horizon follows from them
 
     def every(self, n: int, fn, at_start: bool = True):
         "Run `fn(trainer)` every `n` steps and at the end (see `due`); at step 0 too if `at_start`."
@@ -204,6 +205,18 @@ def one_step(self: Trainer):
     self.step += 1
     self.epoch_progress = out.pop("epoch_progress", self.epoch_progress)
     self.log(out, lrm, dt)
+    if not self.horizon_fixed and len(self.times) >= self.timing_warmup + 5: self.fix_horizon()
+
+@patch
+def fix_horizon(self: Trainer):
+    """With a time budget: the horizon is the step count the budget buys at the step time measured since the warm-up
+    (the same on every rank), printed so that `--num-iterations` can repeat the run exactly, and saved in checkpoints."""
+    measured = self.times[self.timing_warmup:]
+    per_step = sum(measured) / len(measured)
+    n = self.step + max(0, int((self.time_budget - sum(self.times)) / per_step))
+    self.num_iterations, self.horizon_fixed = int(all_reduce_max(n, next(self.model.parameters()).device)), True
+    print0(f"time budget {self.time_budget / 60:.2f} min: {per_step * 1000:.1f} ms per step over steps "
+           f"{self.step - len(measured) + 1}-{self.step}, so {self.num_iterations} steps (the same run: --num-iterations {self.num_iterations})")
 
 # %% ../nbs/07a_train_loop.ipynb #06de795b
 def format_config(cfg: dict) -> str:
@@ -267,7 +280,8 @@ def save(self: Trainer):
 @patch
 def loop_state(self: Trainer, evaluated: bool = True) -> dict:
     "What a checkpoint needs of the loop (`evaluated`: whether the step's evaluations are in the history yet)."
-    return dict(smooth_loss=self.smooth_loss, train_time=self.train_time, epoch_progress=self.epoch_progress, evaluated=evaluated)
+    return dict(smooth_loss=self.smooth_loss, train_time=self.train_time, epoch_progress=self.epoch_progress, evaluated=evaluated,
+                budget_horizon=self.num_iterations if self.time_budget and self.horizon_fixed else None)
 
 @patch
 def load_state(self: Trainer, step: int, meta: dict, optimizer_states: list, extra: dict):
@@ -277,6 +291,7 @@ def load_state(self: Trainer, step: int, meta: dict, optimizer_states: list, ext
     self.history, loop = meta["history"], meta["loop"]
     self.smooth_loss, self.train_time, self.epoch_progress = loop["smooth_loss"], loop["train_time"], loop["epoch_progress"]
     self.rng, self.pending_evals = extra["rng"], not loop.get("evaluated", True)
+    if self.time_budget and loop.get("budget_horizon"): self.num_iterations, self.horizon_fixed = loop["budget_horizon"], True
 
 # %% ../nbs/07a_train_loop.ipynb #b76f2455
 @patch

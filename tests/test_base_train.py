@@ -178,3 +178,37 @@ def test_missing_tokenizer(env, tmp_path):
     bare = dict(env, NANOCHAT_BASE_DIR=str(tmp_path))
     r = subprocess.run(train_cmd("--num-iterations=2"), env=bare, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "python -m nanochat.tok_train" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- a time budget as the horizon
+
+def test_time_budget_fixes_a_horizon_that_num_iterations_repeats(env):
+    "The budget buys a step count at the measured step time; the log names it, and --num-iterations N is the same run."
+    out = run(env, "--time-budget=0.05", "--eval-every=-1", "--total-batch-size=128", "--model-tag=budget")
+    line = next(l for l in out.splitlines() if l.startswith("time budget"))
+    n = int(line.rsplit("--num-iterations ", 1)[1].rstrip(")"))
+    assert n >= 15 and f"step {n:05d}/{n:05d} (100.0%)" in out, line
+    run(env, f"--num-iterations={n}", "--eval-every=-1", "--total-batch-size=128", "--model-tag=fixed")
+    (w1, _, m1), (w2, _, m2) = final(env, "budget"), final(env, "fixed")
+    assert m1["step"] == m2["step"] == n and m1["history"]["loss"] == m2["history"]["loss"]
+    assert m1["history"]["val_bpb"] == m2["history"]["val_bpb"] and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert m1["loop"]["budget_horizon"] == n and m2["loop"]["budget_horizon"] is None  # saved: a resumed run keeps it
+
+
+def test_time_budget_refuses_a_second_horizon(env):
+    r = subprocess.run(train_cmd("--time-budget=1", "--num-iterations=5"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--time-budget" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_time_budget_horizon_survives_a_resume(env):
+    "A budgeted run resumed from an early checkpoint keeps the horizon it had fixed (it does not measure again)."
+    out = run(env, "--time-budget=0.05", "--eval-every=-1", "--total-batch-size=128", "--save-every=20", "--model-tag=budget_resume")
+    n = int(next(l for l in out.splitlines() if l.startswith("time budget")).rsplit("--num-iterations ", 1)[1].rstrip(")"))
+    w_straight, _, _ = final(env, "budget_resume")
+    ckpt = Path(env["NANOCHAT_BASE_DIR"]) / "base_checkpoints" / "budget_resume"
+    for meta in ckpt.glob("meta_*.json"):  # un-commit every step after 20, as if the run had been killed there
+        if int(meta.stem.split("_")[1]) > 20: meta.unlink()
+    out = run(env, "--time-budget=0.05", "--eval-every=-1", "--total-batch-size=128", "--save-every=20", "--model-tag=budget_resume", "--resume")
+    assert "from step 20" in out and "time budget" not in out and f"step {n:05d}/{n:05d}" in out
+    w, _, m = final(env, "budget_resume")
+    assert m["step"] == n and all(torch.equal(w[k], w_straight[k]) for k in w)
